@@ -1,0 +1,55 @@
+"""`specfleet` command line: a thin dispatcher.
+
+Each subcommand lives in its own module under ``orchestrator/commands/`` and exposes
+``register(subparsers)`` (adds its parser, sets ``func``). Heavy imports (torch, ray) happen
+inside the command's run function, so ``specfleet --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand module names, in the order `specfleet --help` lists them
+COMMANDS = ("serve", "generate", "plan", "models", "train_drafter")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="specfleet",
+        description="Speculative-decoding serving on Ray with DFlash block-diffusion drafters.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"orchestrator.commands.{name}")
+        except ModuleNotFoundError as exc:  # a command whose module is not written yet
+            if exc.name == f"orchestrator.commands.{name}":
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        rc = args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # user-facing errors carry a clear message, no traceback
+        from workers.params import EngineError
+
+        if isinstance(exc, (EngineError, FileNotFoundError, ValueError)):
+            print(f"specfleet {args.command}: error: {exc}", file=sys.stderr)
+            return 1
+        raise
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Engine API seam: plain dataclasses shared by the engine, the serving layer and the router.
+
+Kept torch-free so the orchestrator and the router can import it without torch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class EngineError(Exception):
+    """Base of the engine's typed errors; the message is meant for the user."""
+
+
+class InvalidRequest(EngineError):
+    """The request can never be served as given (maps to HTTP 400)."""
+
+
+class NoCapacity(EngineError):
+    """The request is valid but the KV pool cannot hold its worst case now (maps to HTTP 429)."""
+
+
+class IncompatibleDrafter(EngineError):
+    """A drafter whose hidden size / layer ids / vocabulary do not fit the target."""
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    max_tokens: int = 128
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self) -> None:
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)):
+            raise InvalidRequest("temperature must be a finite number")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise InvalidRequest(f"temperature must be in [0, 2], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InvalidRequest(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.max_tokens < 1:
+            raise InvalidRequest(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if any((not isinstance(s, str)) or s == "" for s in self.stop):
+            raise InvalidRequest("stop strings must be non-empty strings")
+
+
+@dataclass
+class SpecParams:
+    enabled: bool = True
+    block_size: int = 16  # tokens per drafted block incl. the anchor (DFlash default 16)
+
+    def validate(self, max_block_size: int | None = None) -> None:
+        if self.block_size < 2:
+            raise InvalidRequest(f"block_size must be >= 2, got {self.block_size}")
+        if max_block_size is not None and self.block_size > max_block_size:
+            raise InvalidRequest(
+                f"block_size {self.block_size} exceeds the drafter's block size {max_block_size}"
+            )
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    accepted: list[int] = field(default_factory=list)  # committed tokens per target pass in this step
+    error: str | None = None
+
+
+@dataclass
+class EngineStats:
+    """What an engine reports; the replica turns it into routing stats (orchestrator/routing/stats.py)."""
+
+    kv_free_tokens: int = 0
+    kv_total_tokens: int = 0
+    num_running: int = 0
+    num_waiting: int = 0
+    step_ms_ar: float | None = None  # EWMA of one AR decode step
+    step_ms_by_block: dict[int, float] = field(default_factory=dict)  # EWMA of a speculative step
+    # per tag key ("session", "role", "team") -> {value: (tau_ewma, n_steps)}
+    tau_by_tag: dict[str, dict[str, tuple[float, int]]] = field(default_factory=dict)
+    tau_mean: float | None = None
+    accept_by_position: list[float] = field(default_factory=list)  # P(position k accepted)
+    tokens_generated: int = 0
+    target_passes: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        d = asdict(self)
+        d["step_ms_by_block"] = {str(k): v for k, v in self.step_ms_by_block.items()}
+        return d
