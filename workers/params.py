@@ -72,6 +72,7 @@ class SpecParams:
 class RequestOutput:
     request_id: str
     new_token_ids: list[int]
+    text: str = ""  # detokenized text delta for new_token_ids (stop strings already cut)
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     accepted: list[int] = field(default_factory=list)  # committed tokens per target pass in this step
