@@ -1,0 +1,72 @@
+"""ServeConfig: YAML loading, strictness, fleet expansion, key sources, JSON schema."""
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from orchestrator.config import ServeConfig
+
+
+def test_defaults_round_trip_through_args():
+    cfg = ServeConfig()
+    assert ServeConfig.model_validate(cfg.to_args()) == cfg
+    assert cfg.num_replicas == 1 and cfg.http.port == 8000 and cfg.engine == "real"
+
+
+def test_unknown_field_is_rejected_at_every_level():
+    with pytest.raises(ValidationError, match="bogus"):
+        ServeConfig.model_validate({"bogus": 1})
+    with pytest.raises(ValidationError, match="Extra inputs"):
+        ServeConfig.model_validate({"replicas": [{"count": 1, "tpp": 2}]})
+
+
+def test_yaml_heterogeneous_fleet(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "engine: mock\n"
+        "replicas:\n"
+        "  - {count: 2, tp: 1}\n"
+        "  - {count: 1, tp: auto, drafter: none, mock: {acceptance: 0.1}}\n"
+    )
+    cfg = ServeConfig.from_yaml(path)
+    fleet = cfg.fleet()
+    assert [s.tp for s in fleet] == [1, 1, "auto"]
+    assert fleet[2].drafter == "none" and fleet[2].mock.acceptance == 0.1
+    assert cfg.num_replicas == 3
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"replicas": []},
+        {"replicas": [{"tp": 0}]},
+        {"replicas": [{"tp": 16}]},
+        {"limits": {"default_max_tokens": 10, "max_tokens": 5}},
+        {"replicas": [{"mock": {"acceptance_by_role": {"coder": 1.5}}}]},
+        {"engine": "fake"},
+    ],
+)
+def test_invalid_values(bad):
+    with pytest.raises(ValidationError):
+        ServeConfig.model_validate(bad)
+
+
+def test_missing_yaml_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ServeConfig.from_yaml(tmp_path / "nope.yaml")
+
+
+def test_keys_from_inline_env_and_file(tmp_path, monkeypatch):
+    f = tmp_path / "keys"
+    f.write_text("# secret\nk-file\n\n")
+    monkeypatch.setenv("MY_KEYS", "k-env1, k-env2")
+    cfg = ServeConfig.model_validate({"auth": {"keys": ["k-inline"], "keys_env": "MY_KEYS", "keys_file": str(f)}})
+    assert cfg.auth.resolve_keys() == ["k-inline", "k-env1", "k-env2", "k-file"]
+    with pytest.raises(ValueError, match="no API key"):
+        ServeConfig.model_validate({"auth": {"keys_env": None, "required": True}}).auth.resolve_keys()
+
+
+def test_json_schema_describes_every_section():
+    schema = ServeConfig.json_schema()
+    assert schema["additionalProperties"] is False
+    assert {"model", "replicas", "router", "limits", "auth", "persistence", "http", "engine"} <= set(schema["properties"])
