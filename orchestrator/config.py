@@ -21,6 +21,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from orchestrator.routing.score import RouterWeights
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -100,11 +102,12 @@ class ReplicaSpec(_Strict):
 
 
 class RouterConfig(_Strict):
-    """Routing policy; `weights` are read by orchestrator.routing.score.RouterWeights."""
+    """Routing policy: "specfleet" (orchestrator.routing.router, goodput by measured acceptance and
+    headroom), or the baselines "pow2" (Serve's default) and "consistent_hash" (session affinity)."""
 
     policy: Literal["specfleet", "pow2", "consistent_hash"] = "specfleet"
     stats_period_s: float = Field(1.0, gt=0, le=60)
-    weights: dict[str, Any] = Field(default_factory=dict, description="RouterWeights fields")
+    weights: RouterWeights = Field(default_factory=RouterWeights, description="scoring knobs")
 
 
 class LimitsConfig(_Strict):
