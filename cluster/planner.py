@@ -1,0 +1,321 @@
+"""Placement planner (pure, torch-free): which replica layout, which GPUs, and every GPU's memory budget.
+
+For each layout R x TPt (R replicas of tensor-parallel degree t, t in 1, 2, 4, 8) the planner
+budgets every GPU (see `budget_replica`), rejects layouts that do not fit (with the reason), predicts
+decode throughput with the roofline in cluster/roofline.py at the target concurrency, and picks the
+layout with the highest predicted aggregate tokens/s (ties within 1%: fewer GPUs, then lower TP).
+Impossible requests raise `PlanError` with the reason.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from cluster.presets import DrafterSpec, ModelSpec
+from cluster.roofline import LOGIT_BYTES, Throughput, replica_throughput
+from cluster.topology import GiB, NodeProfile
+
+RUNTIME_RESERVE = 1.5 * GiB  # CUDA context, cuBLAS workspaces, CUDA-graph pool per GPU
+NCCL_RESERVE = 0.5 * GiB  # NCCL buffers per GPU when tp > 1
+TP_CHOICES = (1, 2, 4, 8)
+
+
+class PlanError(ValueError):
+    """The request cannot be planned on this node; the message says why."""
+
+    def __init__(self, msg: str, rejected: list[tuple[str, str]] | None = None):
+        super().__init__(msg)
+        self.rejected = rejected or []
+
+
+@dataclass
+class Workload:
+    concurrency: int = 64  # sequences decoding at once across the node
+    max_model_len: int | None = None  # default: the model's max positions
+    avg_context: int = 4096  # prompt + generated tokens of a typical sequence
+    tau: float = 4.0  # expected committed tokens per verify (accepted + bonus): a prior
+    block_size: int = 16
+    speculative: bool = True
+    gpu_memory_utilization: float = 0.90
+    max_num_batched_tokens: int = 8192  # prefill chunk: sizes the activation reserve
+    kv_block_size: int = 16
+
+    def validate(self, model: ModelSpec) -> None:
+        if self.concurrency < 1:
+            raise PlanError(f"concurrency must be >= 1, got {self.concurrency}")
+        if not 0.1 <= self.gpu_memory_utilization <= 1.0:
+            raise PlanError(f"gpu_memory_utilization must be in [0.1, 1], got {self.gpu_memory_utilization}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise PlanError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.max_model_len is not None and self.max_model_len > model.max_position:
+            raise PlanError(f"context too long: max_model_len {self.max_model_len} exceeds {model.name}'s "
+                            f"{model.max_position} positions")
+        if not 1.0 <= self.tau <= self.block_size:
+            raise PlanError(f"tau must be in [1, block_size={self.block_size}], got {self.tau}")
+
+
+@dataclass
+class GpuBudget:
+    gpu: int
+    rank: int
+    total: float
+    weights: float  # this rank's shard of the target
+    drafter: float  # drafter weights + full embed/lm_head copy (tp>1) + drafter context KV (rank 0)
+    kv_pool: float  # target KV shard for the pool's tokens (+ sliding-window layers' fixed part)
+    activations: float  # runtime reserve + activation / logits peak
+    headroom: float  # (1 - gpu_memory_utilization) * total, never allocated
+    free: float  # left over after the pool is sized by the tightest rank
+
+    @property
+    def allocated(self) -> float:
+        return self.weights + self.drafter + self.kv_pool + self.activations
+
+
+@dataclass
+class ReplicaPlan:
+    index: int
+    tp: int
+    gpu_ids: list[int]
+    drafter_gpu: int | None
+    max_seqs: int  # running sequences this replica is planned for
+    kv_pool_tokens: int
+    memory: list[GpuBudget]
+    throughput: Throughput
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if k not in ("throughput", "memory")}
+        d["memory"] = [asdict(b) | {"allocated": b.allocated} for b in self.memory]
+        d["throughput"] = self.throughput.to_dict()
+        return d
+
+
+@dataclass
+class LayoutEval:
+    layout: str  # e.g. "4xTP2"
+    num_replicas: int
+    tp: int
+    replicas: list[ReplicaPlan] = field(default_factory=list)
+    reason: str | None = None  # set when rejected
+
+    @property
+    def ok(self) -> bool:
+        return self.reason is None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(r.throughput.tokens_per_s for r in self.replicas)
+
+    @property
+    def num_gpus(self) -> int:
+        return self.num_replicas * self.tp
+
+
+@dataclass
+class Plan:
+    node: NodeProfile
+    model: ModelSpec
+    drafter: DrafterSpec | None
+    workload: Workload
+    chosen: LayoutEval
+    alternatives: list[LayoutEval]  # feasible layouts not chosen
+    rejected: list[tuple[str, str]]  # (layout, reason)
+    explanation: list[str]
+
+    @property
+    def replicas(self) -> list[ReplicaPlan]:
+        return self.chosen.replicas
+
+    @property
+    def layout(self) -> str:
+        return self.chosen.layout
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.chosen.tokens_per_s
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "node": self.node.to_dict(), "model": self.model.to_dict(),
+            "drafter": self.drafter.to_dict() if self.drafter else None,
+            "workload": asdict(self.workload), "layout": self.layout,
+            "predicted_tokens_per_s": self.tokens_per_s,
+            "replicas": [r.to_dict() for r in self.replicas],
+            "alternatives": [{"layout": a.layout, "predicted_tokens_per_s": a.tokens_per_s,
+                              "mode": a.replicas[0].throughput.mode} for a in self.alternatives],
+            "rejected": [{"layout": l, "reason": r} for l, r in self.rejected],
+            "explanation": self.explanation,
+        }
+
+
+def weight_shard_bytes(model: ModelSpec, tp: int) -> float:
+    """One rank's target weights: matrices split tp ways, norms / router replicated, KV heads
+    replicated when fewer than tp."""
+    replicated = model.norm_params * model.weight_bytes + model.num_layers * model.router_params * model.weight_bytes
+    sharded = model.weight_total_bytes - replicated
+    extra_kv = 0.0
+    if model.num_kv_heads < tp:  # each rank holds a whole KV head: 1 head instead of kv/tp
+        kv_proj = 2 * model.hidden_size * model.head_dim * model.weight_bytes * model.num_layers
+        extra_kv = kv_proj * (1 - model.num_kv_heads / tp)
+    return sharded / tp + replicated + extra_kv
+
+
+def activation_bytes(model: ModelSpec, tp: int, max_seqs: int, w: Workload) -> float:
+    """Runtime reserve + the peak of one prefill chunk's activations + the logits of a verify step."""
+    q_dim, kv_dim = model.num_heads * model.head_dim, model.num_kv_heads * model.head_dim
+    mlp = model.intermediate_size or model.moe_intermediate_size * model.experts_per_token
+    per_token = (4 * model.hidden_size + (q_dim + 2 * kv_dim) / tp + 2 * mlp / tp) * 2  # bf16
+    logits_rows = max(max_seqs * (w.block_size if w.speculative else 1), 1)
+    logits = logits_rows * model.vocab_size / tp * LOGIT_BYTES * 2  # logits + probabilities
+    return RUNTIME_RESERVE + (NCCL_RESERVE if tp > 1 else 0) + w.max_num_batched_tokens * per_token + logits
+
+
+def budget_replica(model: ModelSpec, drafter: DrafterSpec | None, node: NodeProfile, tp: int,
+                   gpu_ids: list[int], max_seqs: int, w: Workload, max_len: int) -> tuple[list[GpuBudget], int]:
+    """Memory of every rank; the KV pool is sized by the tightest rank (rank 0 carries the drafter).
+    Returns (budgets, pool tokens). Raises PlanError when the replica cannot hold its sequences."""
+    total = node.gpu.memory_bytes
+    headroom = (1 - w.gpu_memory_utilization) * total
+    weights = weight_shard_bytes(model, tp)
+    act = activation_bytes(model, tp, max_seqs, w)
+    kv_layer = model.kv_bytes_per_token_layer(tp)
+    kv_token = kv_layer * model.num_full_layers  # per pooled token, this rank
+    slide_fixed = 0.0
+    if model.num_sliding_layers:
+        slide_fixed = max_seqs * model.num_sliding_layers * kv_layer * min(max_len, (model.sliding_window or 0) + w.block_size)
+    d_fixed, d_token = 0.0, 0.0
+    if drafter is not None:
+        d_fixed = drafter.weight_total_bytes
+        if tp > 1:  # the drafter on rank 0 needs the whole embedding and lm_head, not a vocab shard
+            mats = 1 if model.tie_embeddings else 2
+            d_fixed += mats * model.embed_params * model.weight_bytes * (1 - 1 / tp)
+        d_token = drafter.kv_bytes_per_token
+    avail = total - headroom - weights - act - slide_fixed
+    if avail <= 0:
+        raise PlanError(f"weights {weights / 1e9:.1f} GB + activations {act / 1e9:.1f} GB per GPU exceed "
+                        f"the usable {(total - headroom) / 1e9:.1f} GB")
+    tokens0 = (avail - d_fixed) / (kv_token + d_token) if kv_token + d_token else math.inf
+    tokens_other = avail / kv_token if kv_token else math.inf
+    tokens = int(min(tokens0, tokens_other) // w.kv_block_size * w.kv_block_size)
+    if tokens < max_len:
+        raise PlanError(f"KV pool holds {max(tokens, 0)} tokens per replica, less than one max_model_len "
+                        f"sequence ({max_len}): context too long for this layout")
+    need = max_seqs * min(w.avg_context, max_len)
+    if tokens < need:
+        raise PlanError(f"KV pool holds {tokens} tokens, {max_seqs} sequences x {min(w.avg_context, max_len)} "
+                        f"avg context need {need}")
+    budgets = []
+    for rank, gpu in enumerate(gpu_ids):
+        drafter_b = d_fixed + tokens * d_token if rank == 0 and drafter is not None else 0.0
+        kv = tokens * kv_token + slide_fixed
+        free = total - headroom - weights - act - drafter_b - kv
+        budgets.append(GpuBudget(gpu, rank, total, weights, drafter_b, kv, act, headroom, free))
+    return budgets, tokens
+
+
+def _split(concurrency: int, n: int) -> list[int]:
+    base, extra = divmod(concurrency, n)
+    return [base + (1 if i < extra else 0) for i in range(n)]
+
+
+def evaluate_layout(model: ModelSpec, drafter: DrafterSpec | None, node: NodeProfile, n: int, tp: int,
+                    w: Workload, max_len: int) -> LayoutEval:
+    ev = LayoutEval(f"{n}xTP{tp}", n, tp)
+    if model.num_heads % tp:
+        ev.reason = f"{model.num_heads} attention heads do not split {tp} ways"
+        return ev
+    if model.num_kv_heads % tp and tp % model.num_kv_heads:
+        ev.reason = f"{model.num_kv_heads} KV heads neither divide nor are divided by {tp}"
+        return ev
+    ctx = min(w.avg_context, max_len)
+    d = drafter if w.speculative else None
+    for i, seqs in enumerate(_split(w.concurrency, n)):
+        gpus = list(range(i * tp, (i + 1) * tp))
+        try:
+            mem, tokens = budget_replica(model, d, node, tp, gpus, max(seqs, 1), w, max_len)
+        except PlanError as exc:
+            ev.reason, ev.replicas = str(exc), []
+            return ev
+        thr = replica_throughput(model, node, tp, seqs, ctx, d, w.block_size, w.tau)
+        ev.replicas.append(ReplicaPlan(i, tp, gpus, gpus[0] if d else None, seqs, tokens, mem, thr))
+    return ev
+
+
+def _gpu_s_per_token(ev: LayoutEval, w: Workload) -> dict[str, float]:
+    """GPU-seconds per generated token, split by roofline term (replica 0 is representative)."""
+    r = ev.replicas[0]
+    thr, s = r.throughput, r.throughput.step
+    tokens_per_step = max(r.max_seqs, 1) * (w.tau if thr.mode == "spec" else 1.0)
+    k = ev.tp / tokens_per_step
+    return {"roofline": max(s.mem_s, s.compute_s) * k, "all-reduce": s.comm_s * k,
+            "step overhead": s.overhead_s * k,
+            "drafter": thr.draft.total_s * k if thr.mode == "spec" and thr.draft else 0.0}
+
+
+_WHY = {
+    "roofline-memory": "each GPU reads more weight/KV bytes per generated token",
+    "roofline-compute": "more tensor-core time per generated token (the verify step is compute-bound)",
+    "all-reduce": "all-reduce over the interconnect costs more per generated token",
+    "step overhead": "the fixed per-step overhead is spread over fewer tokens per GPU",
+    "drafter": "the drafter runs on one GPU while the replica's other GPUs wait",
+}
+
+
+def explain(chosen: LayoutEval, others: list[LayoutEval], rejected: list[tuple[str, str]], w: Workload) -> list[str]:
+    r0 = chosen.replicas[0]
+    thr = r0.throughput
+    lines = [
+        f"chosen {chosen.layout}: {chosen.tokens_per_s:,.0f} tok/s predicted at {w.concurrency} concurrent "
+        f"sequences ({r0.max_seqs} per replica, {'speculative, tau ' + format(w.tau, 'g') + ', block ' + str(w.block_size) if thr.mode == 'spec' else 'autoregressive'}); "
+        f"{thr.per_seq_tokens_per_s:,.0f} tok/s per sequence; step {thr.step_s * 1e3:.2f} ms "
+        f"({thr.step.bound}-bound)"]
+    mine = _gpu_s_per_token(chosen, w)
+    for ev in others:
+        ratio = ev.tokens_per_s / chosen.tokens_per_s
+        theirs = _gpu_s_per_token(ev, w)
+        diff = {k: theirs[k] - mine[k] for k in mine}
+        worst = max(diff, key=diff.get)
+        t = ev.replicas[0].throughput
+        share = diff[worst] / max(sum(theirs.values()), 1e-12)
+        key = f"roofline-{t.step.bound}" if worst == "roofline" else worst
+        why = _WHY[key] if diff[worst] > 0 else "no roofline term is worse; it is within the tie margin"
+        lines.append(f"{ev.layout}: {ratio:.2f}x the chosen throughput ({ev.tokens_per_s:,.0f} tok/s, "
+                     f"{ev.replicas[0].max_seqs} seq/replica, step {t.step_s * 1e3:.2f} ms, {t.mode}) - {why}"
+                     f" (that excess is {share:.0%} of its GPU-time per token)")
+    for layout, reason in rejected:
+        lines.append(f"{layout}: rejected - {reason}")
+    return lines
+
+
+def plan(node: NodeProfile, model: ModelSpec, drafter: DrafterSpec | None = None,
+         workload: Workload | None = None) -> Plan:
+    w = workload or Workload()
+    w.validate(model)
+    max_len = w.max_model_len or model.max_position
+    if drafter is not None and drafter.hidden_size != model.hidden_size:
+        raise PlanError(f"drafter hidden size {drafter.hidden_size} != target's {model.hidden_size}")
+    evals: list[LayoutEval] = []
+    for tp in TP_CHOICES:
+        if tp > node.num_gpus:
+            break
+        for n in range(node.num_gpus // tp, 0, -1):
+            evals.append(evaluate_layout(model, drafter, node, n, tp, w, max_len))
+    ok = [e for e in evals if e.ok]
+    full = {e.tp: e for e in evals if e.num_replicas == node.num_gpus // e.tp}
+    rejected = [(e.layout, e.reason) for e in full.values() if not e.ok]
+    if not ok:
+        weights_max = weight_shard_bytes(model, max(full))
+        usable = node.gpu.memory_bytes * w.gpu_memory_utilization
+        if weights_max > usable:
+            raise PlanError(f"model too large for node: {model.name} needs {model.weight_total_bytes / 1e9:.1f} GB "
+                            f"of weights, {weights_max / 1e9:.1f} GB per GPU at TP{max(full)}, more than the "
+                            f"{usable / 1e9:.1f} GB usable per GPU on {node.name}", rejected)
+        reasons = "; ".join(f"{lay}: {why}" for lay, why in rejected)
+        raise PlanError(f"no layout fits {model.name} on {node.name}: {reasons}", rejected)
+    best = max(e.tokens_per_s for e in ok)
+    top = [e for e in ok if e.tokens_per_s >= 0.99 * best]
+    chosen = min(top, key=lambda e: (e.num_gpus, e.tp, -e.tokens_per_s))
+    others = [e for e in full.values() if e.ok and e is not chosen]
+    return Plan(node, model, drafter if w.speculative else None, w, chosen,
+                alternatives=[e for e in ok if e is not chosen], rejected=rejected,
+                explanation=explain(chosen, others, rejected, w))
