@@ -1,0 +1,200 @@
+"""One generation turn: per-key slot -> replica stream -> items, with the turn recorded in the session
+registry whatever happens (finished, failed, or the client gone).
+
+Admission errors become HTTP errors before any byte is sent (400 / 429 + Retry-After / 503); a replica
+that fails before its first item is retried (a request that produced nothing is safe to resend); a
+failure after tokens were sent ends the stream with an error event.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from orchestrator.api.errors import APIError, too_many
+from orchestrator.api.state import ServerState
+
+log = logging.getLogger("specfleet.api")
+ATTEMPTS = 3
+
+
+@dataclass
+class TurnRequest:
+    owner: str
+    endpoint: str
+    prompt_token_ids: list[int]
+    sampling: dict
+    spec: dict | None
+    session: dict | None  # registry row (without history) or None
+    tags: dict[str, str]
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass
+class TurnResult:
+    replica: str | None = None
+    route: str | None = None
+    spec: dict | None = None
+    text: list[str] = field(default_factory=list)
+    completion_tokens: int = 0
+    target_passes: int = 0
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+class Turn:
+    def __init__(self, state: ServerState, req: TurnRequest):
+        self.state, self.req = state, req
+        self.result = TurnResult()
+        self._gen: Any = None
+        self._first: dict | None = None
+        self._t0 = time.monotonic()
+        self._t_first: float | None = None
+        self._slot = False
+        self._closed = False
+
+    @property
+    def session_id(self) -> str | None:
+        return self.req.session["id"] if self.req.session else None
+
+    async def start(self) -> None:
+        """Acquire a per-key slot, reach a replica, wait for admission. Raises APIError."""
+        st = self.state
+        if st.draining:
+            raise APIError(503, "server is shutting down", code="shutting_down",
+                           headers={"Retry-After": str(st.cfg.limits.retry_after_s)})
+        st.metrics.queue_depth.set(st.gate.waiting + 1)
+        try:
+            await st.gate.acquire(self.req.owner)
+        finally:
+            st.metrics.queue_depth.set(st.gate.waiting)
+        self._slot = True
+        st.in_flight += 1
+        st.metrics.in_flight.set(st.in_flight)
+        try:
+            await self._admit()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _admit(self) -> None:
+        st, lim = self.state, self.state.cfg.limits
+        kwargs = dict(
+            request_id=self.req.request_id, prompt_token_ids=self.req.prompt_token_ids, sampling=self.req.sampling,
+            spec=self.req.spec, tags=self.req.tags, route_plan={},
+            prefix_tokens=min(st.context_len.get(self.session_id or "", 0), len(self.req.prompt_token_ids)),
+        )
+        last_exc: BaseException | None = None
+        for attempt in range(ATTEMPTS):
+            gen = st.backend.stream(self.session_id, dict(kwargs, route_plan={}))
+            try:
+                first = await asyncio.wait_for(gen.__anext__(), lim.queue_timeout_s)
+            except asyncio.TimeoutError:
+                await _cancel(gen)
+                raise too_many(f"no replica could start this request within {lim.queue_timeout_s:g} s",
+                               lim.retry_after_s, code="no_capacity") from None
+            except StopAsyncIteration:
+                last_exc = RuntimeError("replica ended the stream without a result")
+                continue
+            except Exception as exc:  # replica died / unreachable before producing anything: retry
+                last_exc = exc
+                log.warning("replica failed before admission (attempt %d): %s", attempt + 1, type(exc).__name__)
+                await asyncio.sleep(0.2 * (attempt + 1))
+                continue
+            if first.get("type") == "error":
+                await _cancel(gen)
+                kind, msg = first.get("kind"), first.get("message", "")
+                if kind == "invalid":
+                    raise APIError(400, msg, code="invalid_request")
+                if kind == "no_capacity":
+                    raise too_many(msg, lim.retry_after_s, code="no_capacity")
+                raise APIError(503, f"replica error: {msg}", code="engine_error",
+                               headers={"Retry-After": str(lim.retry_after_s)})
+            self._gen, self._first = gen, first
+            res = self.result
+            res.replica, res.route, res.spec = first.get("replica"), first.get("route"), first.get("spec")
+            st.metrics.route(res.replica or "?", res.route or "?", res.spec)
+            return
+        raise APIError(503, f"no replica available: {type(last_exc).__name__}: {last_exc}", code="replica_unavailable",
+                       headers={"Retry-After": str(lim.retry_after_s)})
+
+    async def items(self) -> AsyncIterator[dict]:
+        """Delta items until the end; a mid-stream failure yields {"type": "error"} last."""
+        st, res = self.state, self.result
+        try:
+            while True:
+                try:
+                    item = await self._gen.__anext__()
+                except StopAsyncIteration:
+                    if res.finish_reason is None:
+                        res.error = "replica ended the stream early"
+                        yield {"type": "error", "message": res.error}
+                    return
+                except Exception as exc:
+                    res.error = f"replica failed mid-stream: {type(exc).__name__}"
+                    log.warning("%s (request %s)", res.error, self.req.request_id)
+                    yield {"type": "error", "message": res.error}
+                    return
+                kind = item.get("type")
+                if kind == "delta":
+                    if self._t_first is None:
+                        self._t_first = time.monotonic()
+                        st.metrics.ttft.labels(self.req.endpoint).observe(self._t_first - self._t0)
+                    n = len(item.get("token_ids") or [])
+                    res.completion_tokens += n
+                    res.target_passes += len(item.get("accepted") or []) or (1 if n else 0)
+                    res.text.append(item.get("text") or "")
+                    st.metrics.delta(res.replica or "?", n, item.get("accepted") or [])
+                    yield item
+                elif kind == "end":
+                    res.finish_reason = item.get("finish_reason") or "stop"
+                    res.target_passes = item.get("target_passes") or res.target_passes
+                    st.metrics.headroom(item.get("stats"))
+                    if self._t_first is not None:
+                        st.metrics.finished(res.replica or "?", res.completion_tokens,
+                                            time.monotonic() - self._t_first)
+                    return
+                elif kind == "error":
+                    res.error = item.get("message") or "engine error"
+                    yield {"type": "error", "message": res.error}
+                    return
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        st, res = self.state, self.result
+        if self._gen is not None and res.finish_reason is None:
+            await _cancel(self._gen)
+        if self._slot:
+            st.gate.release(self.req.owner)
+            st.in_flight -= 1
+            st.metrics.in_flight.set(st.in_flight)
+        status = "ok" if res.finish_reason else ("error" if res.error else "aborted")
+        st.metrics.latency.labels(self.req.endpoint).observe(time.monotonic() - self._t0)
+        st.metrics.requests.labels(self.req.endpoint, status).inc()
+        sid = self.session_id
+        if sid and res.replica is not None:
+            st.context_len[sid] = len(self.req.prompt_token_ids) + res.completion_tokens
+            try:
+                st.registry.record_turn(
+                    sid, replica=res.replica, route=res.route, spec=res.spec,
+                    prompt_tokens=len(self.req.prompt_token_ids), completion_tokens=res.completion_tokens,
+                    target_passes=res.target_passes, finish_reason=res.finish_reason or ("error" if res.error else "abort"))
+            except Exception:
+                log.exception("could not record a turn of session %s", sid)
+
+
+async def _cancel(gen: Any) -> None:
+    try:
+        if hasattr(gen, "cancel"):
+            gen.cancel()  # Serve DeploymentResponseGenerator
+        elif hasattr(gen, "aclose"):
+            await gen.aclose()
+    except Exception:
+        pass

@@ -1,0 +1,74 @@
+"""Prometheus metrics of the ingress (served at /metrics).
+
+Per replica, from what each stream reports: accepted length per target pass (histogram), tokens,
+decode speed, KV and VRAM headroom, queue depth; per route reason: decisions; per endpoint: requests
+by status and latency. A private registry per server keeps tests independent.
+"""
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+ACCEPT_BUCKETS = tuple(float(b) for b in range(1, 17)) + (24.0, 32.0, 64.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.accepted_length = Histogram(
+            "specfleet_accepted_length", "Tokens committed per target pass", ["replica"], buckets=ACCEPT_BUCKETS,
+            registry=r)
+        self.tokens = Counter("specfleet_generated_tokens", "Completion tokens generated", ["replica"], registry=r)
+        self.decode_tps = Histogram(
+            "specfleet_request_tokens_per_second", "Per-request decode speed (completion tokens / s after the "
+            "first token)", ["replica"], buckets=(1, 5, 10, 20, 50, 100, 200, 500, 1000, 5000), registry=r)
+        self.tokens_per_s = Gauge("specfleet_replica_tokens_per_second",
+                                  "Decode speed of the last finished request", ["replica"], registry=r)
+        self.kv_free = Gauge("specfleet_kv_free_tokens", "Free KV-cache tokens", ["replica"], registry=r)
+        self.kv_total = Gauge("specfleet_kv_total_tokens", "KV-cache capacity in tokens", ["replica"], registry=r)
+        self.vram_free = Gauge("specfleet_vram_free_bytes", "Free GPU memory", ["replica"], registry=r)
+        self.replica_running = Gauge("specfleet_replica_running", "Requests running in the engine", ["replica"],
+                                     registry=r)
+        self.replica_waiting = Gauge("specfleet_replica_waiting", "Requests queued in the engine", ["replica"],
+                                     registry=r)
+        self.queue_depth = Gauge("specfleet_ingress_queue_depth", "Requests waiting for a per-key slot", registry=r)
+        self.in_flight = Gauge("specfleet_ingress_in_flight", "Requests being served by the ingress", registry=r)
+        self.routes = Counter("specfleet_route_decisions", "Routing decisions", ["replica", "reason"], registry=r)
+        self.spec_decisions = Counter("specfleet_spec_decisions", "Speculation decisions (block size or off)",
+                                      ["decision"], registry=r)
+        self.requests = Counter("specfleet_requests", "HTTP requests by endpoint and status",
+                                ["endpoint", "status"], registry=r)
+        self.latency = Histogram("specfleet_request_latency_seconds", "End-to-end request latency", ["endpoint"],
+                                 buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=r)
+        self.ttft = Histogram("specfleet_time_to_first_token_seconds", "Time to the first token", ["endpoint"],
+                              buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)
+
+    def route(self, replica: str, reason: str, spec: dict | None) -> None:
+        self.routes.labels(replica, reason).inc()
+        if spec is not None:
+            self.spec_decisions.labels(f"block_{spec['block_size']}" if spec.get("enabled") else "off").inc()
+
+    def delta(self, replica: str, n_tokens: int, accepted: list[int]) -> None:
+        if n_tokens:
+            self.tokens.labels(replica).inc(n_tokens)
+        for a in accepted:
+            self.accepted_length.labels(replica).observe(a)
+
+    def headroom(self, stats: dict | None) -> None:
+        if not stats or not stats.get("replica"):
+            return
+        rep = stats["replica"]
+        self.kv_free.labels(rep).set(stats.get("kv_free_tokens") or 0)
+        self.kv_total.labels(rep).set(stats.get("kv_total_tokens") or 0)
+        if stats.get("vram_free_bytes") is not None:
+            self.vram_free.labels(rep).set(stats["vram_free_bytes"])
+        self.replica_running.labels(rep).set(stats.get("num_running") or 0)
+        self.replica_waiting.labels(rep).set(stats.get("num_waiting") or 0)
+
+    def finished(self, replica: str, completion_tokens: int, decode_seconds: float) -> None:
+        if completion_tokens > 1 and decode_seconds > 0:
+            tps = (completion_tokens - 1) / decode_seconds
+            self.decode_tps.labels(replica).observe(tps)
+            self.tokens_per_s.labels(replica).set(tps)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
