@@ -1,0 +1,110 @@
+"""Stage 2 of the trainer: the (frozen) target answers the prompts; the answers are the drafter's training data.
+
+Greedy, chat template, batched HF ``generate`` with left padding. Output is an append-only JSONL (one record
+per prompt: id, category, split, prompt_ids, response_ids, text); a rerun skips the ids already written, and a
+torn last line from an interrupted run is cut off, so no finished work is lost.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Iterable
+
+from workers.training.prompts import Prompt
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Records of a JSONL written by this module; a torn last line is ignored, a torn middle line is an error."""
+    if not path.exists():
+        return []
+    lines = path.read_text().split("\n")
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if i >= len(lines) - 2 and not path.read_text().endswith("\n"):  # torn tail of an interrupted write
+                break
+            raise ValueError(f"{path}: line {i + 1} is corrupted ({exc}); delete the file to regenerate") from exc
+    return out
+
+
+def _repair_tail(path: Path) -> None:
+    """Cut a partial last line (no trailing newline) so appends start on a fresh line."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+def chat_prompt_ids(tokenizer, text: str) -> list[int]:
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                        tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 returns a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def generate_responses(model_dir: str | Path, prompts: Iterable[Prompt], out_path: str | Path, *,
+                       max_new_tokens: int = 192, batch_size: int = 16, device: str = "auto",
+                       threads: int | None = None) -> list[dict]:
+    """Answer every prompt not yet in ``out_path``; returns all records (old and new)."""
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    _repair_tail(out_path)
+    done = {r["id"] for r in read_jsonl(out_path)}
+    todo = [p for p in prompts if p.id not in done]
+    if not todo:
+        return read_jsonl(out_path)
+    if threads:
+        torch.set_num_threads(threads)
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float32
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(dev).eval()
+    eos = tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+
+    encoded = [(p, chat_prompt_ids(tok, p.text)) for p in todo]
+    window = batch_size * 8  # sort by length inside windows: little padding, yet the given order (categories
+    encoded = [pe for w in range(0, len(encoded), window)  # interleaved) holds if the run is stopped early
+               for pe in sorted(encoded[w : w + window], key=lambda pe: len(pe[1]))]
+    t0, n_tok = time.time(), 0
+    bar = tqdm(total=len(encoded), desc="generate", unit="prompt", file=sys.stderr)
+    with open(out_path, "a") as f:
+        for s in range(0, len(encoded), batch_size):
+            chunk = encoded[s : s + batch_size]
+            width = max(len(ids) for _, ids in chunk)
+            input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for _, ids in chunk], device=dev)  # [b, T]
+            attn = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for _, ids in chunk], device=dev)
+            with torch.inference_mode():
+                out = model.generate(input_ids=input_ids, attention_mask=attn, max_new_tokens=max_new_tokens,
+                                     do_sample=False, eos_token_id=eos, pad_token_id=pad)
+            for (p, ids), row in zip(chunk, out[:, width:].tolist()):
+                resp = []
+                for t in row:
+                    resp.append(t)
+                    if t == eos:
+                        break
+                n_tok += len(resp)
+                rec = {"id": p.id, "category": p.category, "split": p.split, "prompt": p.text,
+                       "prompt_ids": ids, "response_ids": resp,
+                       "text": tok.decode(resp, skip_special_tokens=True)}
+                f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(len(chunk))
+            bar.set_postfix(tok_s=f"{n_tok / (time.time() - t0):.0f}")
+    bar.close()
+    return read_jsonl(out_path)
