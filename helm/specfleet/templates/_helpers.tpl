@@ -108,7 +108,12 @@ fails the render.
   {{- end }}
   {{- $free = $next }}
   {{- if not $placed }}
-    {{- fail (printf "GPU plan does not fit: serve.replicas asks for %d replica(s) needing %v GPUs in total (replicas x tp x num_gpus), but the GPU worker group has gpuWorkers.replicas=%d node(s) x gpuWorkers.gpusPerNode=%v GPUs = %v GPUs; add nodes, raise gpusPerNode, or lower count/tp" $count $total $nodes $perNode (mulf $nodes $perNode)) }}
+    {{- $capacity := mulf $nodes $perNode }}
+    {{- if gt $total $capacity }}
+      {{- fail (printf "GPU plan does not fit: serve.replicas asks for %d replica(s) needing %v GPUs in total (count x tp x num_gpus), but the GPU worker group has gpuWorkers.replicas=%d node(s) x gpuWorkers.gpusPerNode=%v GPUs = %v GPUs; add nodes, raise gpusPerNode, or lower count/tp" $count $total $nodes $perNode $capacity) }}
+    {{- else }}
+      {{- fail (printf "GPU plan does not pack: %d replica(s) need %v of the %v GPUs, but a replica's TP ranks must share one node and a replica needing %v GPUs finds no node with that many free (gpuWorkers.replicas=%d x gpusPerNode=%v); use a tp that divides gpusPerNode" $count $total $capacity $need $nodes $perNode) }}
+    {{- end }}
   {{- end }}
 {{- end }}
 {{- end }}
