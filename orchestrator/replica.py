@@ -41,21 +41,26 @@ def resolve_paths(cfg: ServeConfig, spec: ReplicaSpec) -> tuple[str, str | None]
     if drafter == "default":
         from workers import hub
 
-        drafter = str(hub.default_drafter_path())
+        path = hub.default_drafter_path()
+        if not (path / "config.json").is_file():
+            log.warning("the default drafter %s is missing: serving without speculation", path)
+            return target, None
+        drafter = str(path)
     return target, drafter
 
 
-async def build_engine(cfg: ServeConfig, spec: ReplicaSpec) -> Any:
-    """An object with the AsyncLLMEngine surface for this replica spec."""
+async def build_engine(cfg: ServeConfig, spec: ReplicaSpec) -> tuple[Any, bool]:
+    """(an object with the AsyncLLMEngine surface for this replica spec, whether it has a drafter)."""
     block = spec.block_size or cfg.model.block_size
     if cfg.engine == "mock":
         from orchestrator.mock_engine import MockEngine
 
         no_drafter = (spec.drafter if spec.drafter is not None else cfg.model.drafter) in (None, "none", "")
-        return MockEngine(spec.mock, block_size=block, max_num_seqs=spec.max_num_seqs, speculative=not no_drafter)
+        engine = MockEngine(spec.mock, block_size=block, max_num_seqs=spec.max_num_seqs, speculative=not no_drafter)
+        return engine, not no_drafter
     from workers.engine import EngineConfig
 
-    target, drafter = resolve_paths(cfg, spec)
+    target, drafter = await asyncio.to_thread(resolve_paths, cfg, spec)
     ecfg = EngineConfig(
         model=target, drafter=drafter, dtype=cfg.model.dtype, device=cfg.model.device,
         max_num_seqs=spec.max_num_seqs, max_num_batched_tokens=spec.max_num_batched_tokens,
@@ -70,12 +75,12 @@ async def build_engine(cfg: ServeConfig, spec: ReplicaSpec) -> Any:
     if ReplicaGroup is not None:
         group = ReplicaGroup(ecfg, tp=tp)
         await group.start()
-        return group
+        return group, drafter is not None
     if tp != 1:
         raise ValueError(f"tp={tp} needs cluster.placement.ReplicaGroup, which is not available")
     from workers.engine import AsyncLLMEngine
 
-    return await asyncio.to_thread(AsyncLLMEngine, ecfg)
+    return await asyncio.to_thread(AsyncLLMEngine, ecfg), drafter is not None
 
 
 class ReplicaCore:
@@ -216,15 +221,14 @@ class ModelReplica:
         rank = int(getattr(ctx.rank, "rank", ctx.rank) or 0)
         fleet = cfg.fleet()
         spec = fleet[rank % len(fleet)]
-        drafter = spec.drafter if spec.drafter is not None else cfg.model.drafter
-        engine = await build_engine(cfg, spec)
+        engine, has_drafter = await build_engine(cfg, spec)
         default_reason = {"specfleet": "direct"}.get(cfg.router.policy, cfg.router.policy)
         self.core = ReplicaCore(
             engine, spec, replica_id=ctx.replica_id.unique_id, rank=rank,
             block_size=spec.block_size or cfg.model.block_size,
-            spec_available=drafter not in (None, "none", ""), default_reason=default_reason,
+            spec_available=has_drafter, default_reason=default_reason,
         )
-        log.info("replica %s rank %d ready (drafter=%s)", self.core.replica_id, rank, drafter)
+        log.info("replica %s rank %d ready (speculative=%s)", self.core.replica_id, rank, has_drafter)
 
     async def generate(self, **kwargs) -> AsyncIterator[dict]:
         async for item in self.core.generate(**kwargs):

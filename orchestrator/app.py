@@ -1,0 +1,171 @@
+"""The Ray Serve application: `build_app(args) -> Application` (import path `orchestrator.app:build_app`,
+for `serve run` / `serve deploy` / the Helm chart's serveConfigV2), plus `start_local()` / `stop_local()`
+used by `specfleet serve` and by tests.
+
+Two deployments: `Ingress` (FastAPI, one replica: it owns the SQLite session registry) and
+`ModelReplica` (one per fleet entry; replica rank r takes `cfg.fleet()[r]`), routed by the
+specfleet request router (orchestrator.routing.router) or a baseline.
+"""
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import time
+from typing import Any
+
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+
+from orchestrator.config import ServeConfig
+from orchestrator.replica import ModelReplica
+
+log = logging.getLogger("specfleet.app")
+INGRESS_MAX_ONGOING = 4096
+ROUTER_MODULE = "orchestrator.routing.router"
+
+
+class Ingress:
+    """FastAPI ingress; the app is built after the constructor (`__serve_build_asgi_app__`)."""
+
+    async def __init__(self, replicas: Any, args: dict):
+        from orchestrator.api.state import ServeBackend, ServerState, load_tokenizer
+
+        cfg = ServeConfig.model_validate(args)
+        tokenizer, ctx = await asyncio.to_thread(load_tokenizer, cfg)
+        self.state = ServerState.create(cfg, ServeBackend(replicas), tokenizer, ctx)
+
+    def __serve_build_asgi_app__(self):
+        from orchestrator.api.server import create_app
+
+        return create_app(self.state)
+
+    async def __del__(self):  # graceful shutdown: refuse new work, let running streams finish
+        state = getattr(self, "state", None)
+        if state is None:
+            return
+        state.draining = True
+        deadline = time.monotonic() + state.cfg.drain_timeout_s
+        while state.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        state.registry.close()
+
+
+def router_config(cfg: ServeConfig) -> RequestRouterConfig:
+    period = cfg.router.stats_period_s
+    common = dict(request_routing_stats_period_s=period, request_routing_stats_timeout_s=max(1.0, period))
+    if cfg.router.policy == "pow2":
+        return RequestRouterConfig(**common)
+    if cfg.router.policy == "consistent_hash":
+        return RequestRouterConfig(
+            request_router_class="ray.serve.experimental.consistent_hash_router.ConsistentHashRouter", **common)
+    return RequestRouterConfig(request_router_class=_specfleet_router_path(),
+                               request_router_kwargs={"weights": cfg.router.weights.model_dump(mode="json")},
+                               **common)
+
+
+def _specfleet_router_path() -> str:
+    """Import path of the RequestRouter subclass defined in orchestrator/routing/router.py."""
+    from ray.serve.request_router import RequestRouter
+
+    try:
+        mod = importlib.import_module(ROUTER_MODULE)
+    except ModuleNotFoundError as exc:
+        raise ValueError(f"router.policy 'specfleet' needs {ROUTER_MODULE} ({exc}); use policy pow2") from exc
+    for name in ("SpecfleetRouter", *dir(mod)):
+        cls = getattr(mod, name, None)
+        if isinstance(cls, type) and issubclass(cls, RequestRouter) and cls.__module__ == ROUTER_MODULE:
+            return f"{ROUTER_MODULE}.{cls.__name__}"
+    raise ValueError(f"{ROUTER_MODULE} defines no RequestRouter subclass")
+
+
+def _gpus_available() -> bool:
+    import ray
+
+    try:
+        return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+    except Exception:
+        return False
+
+
+def _resolve_tp(cfg: ServeConfig) -> int:
+    tps = set()
+    for spec in cfg.replicas:
+        if spec.tp == "auto":
+            tps.add(_planned_tp(cfg))
+        else:
+            tps.add(int(spec.tp))
+    if len(tps) > 1:
+        raise ValueError(f"replicas with different tp ({sorted(tps)}) cannot share one Serve deployment; "
+                         "run one specfleet application per tp")
+    return tps.pop()
+
+
+def _planned_tp(cfg: ServeConfig) -> int:
+    """tp: auto -> the planner's choice for this node, or 1 where no GPU is visible."""
+    if cfg.engine == "mock" or not _gpus_available():
+        return 1
+    try:
+        from cluster.planner import plan_for_serve  # type: ignore[attr-defined]
+    except ImportError:
+        raise ValueError("tp: auto needs cluster.planner.plan_for_serve; set tp explicitly") from None
+    return int(plan_for_serve(cfg))
+
+
+def build_app(args: dict) -> Any:
+    """Ray Serve application builder (`serve run orchestrator.app:build_app ...`)."""
+    cfg = ServeConfig.model_validate(args or {})
+    tp = _resolve_tp(cfg)
+    spec0 = cfg.replicas[0]
+    gpus = spec0.num_gpus
+    if gpus is None:
+        gpus = 1.0 if (cfg.engine == "real" and _gpus_available()) else 0.0
+    opts: dict[str, Any] = dict(
+        name="ModelReplica", num_replicas=cfg.num_replicas,
+        max_ongoing_requests=max(s.max_ongoing_requests for s in cfg.replicas),
+        health_check_period_s=5.0, health_check_timeout_s=30.0,
+        graceful_shutdown_timeout_s=cfg.drain_timeout_s, graceful_shutdown_wait_loop_s=0.5,
+        request_router_config=router_config(cfg),
+    )
+    if tp > 1:  # the replica sits in bundle 0 with no resources of its own; rank actors fill the bundles
+        opts["ray_actor_options"] = {"num_cpus": 0, "num_gpus": 0}
+        opts["placement_group_bundles"] = [{"CPU": 1, "GPU": gpus}] * tp if gpus else [{"CPU": 1}] * tp
+        opts["placement_group_strategy"] = "STRICT_PACK"
+    else:
+        opts["ray_actor_options"] = {"num_cpus": 0 if cfg.engine == "mock" else 1, "num_gpus": gpus}
+    replica = serve.deployment(ModelReplica).options(**opts)
+    ingress = serve.deployment(serve.ingress()(Ingress)).options(
+        name="Ingress", num_replicas=1, max_ongoing_requests=INGRESS_MAX_ONGOING,
+        ray_actor_options={"num_cpus": 0}, graceful_shutdown_timeout_s=cfg.drain_timeout_s,
+        graceful_shutdown_wait_loop_s=0.5, health_check_period_s=5.0,
+    )
+    args_json = cfg.to_args()
+    return ingress.bind(replica.bind(args_json), args_json)
+
+
+def start_local(cfg: ServeConfig, *, init_ray: bool = True) -> str:
+    """Start (or reuse) Ray and Serve on this machine, deploy the app, return the base URL."""
+    import ray
+
+    if init_ray and not ray.is_initialized():
+        kw: dict[str, Any] = dict(include_dashboard=False, logging_level=logging.WARNING,
+                                  log_to_driver=False)
+        if cfg.ray.address:
+            ray.init(address=cfg.ray.address, **kw)
+        else:
+            ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, **kw)
+    serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port}, logging_config={"log_level": "WARNING"})
+    serve.run(build_app(cfg.to_args()), name=cfg.ray.app_name, route_prefix="/")
+    host = "127.0.0.1" if cfg.http.host in ("0.0.0.0", "::") else cfg.http.host
+    return f"http://{host}:{cfg.http.port}"
+
+
+def stop_local(shutdown_ray: bool = True) -> None:
+    """Graceful: Serve drains in-flight requests (graceful_shutdown_timeout_s) before replicas stop."""
+    import ray
+
+    try:
+        serve.shutdown()
+    finally:
+        if shutdown_ray and ray.is_initialized():
+            ray.shutdown()
