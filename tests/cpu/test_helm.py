@@ -92,6 +92,15 @@ def crd_errors(obj: dict) -> list[str]:
     return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in v.iter_errors(obj)]
 
 
+def _deployment_names(application) -> set[str]:
+    d = application._bound_deployment
+    names = {d.name}
+    for arg in [*d.init_args, *d.init_kwargs.values()]:
+        if hasattr(arg, "_bound_deployment"):
+            names |= _deployment_names(arg)
+    return names
+
+
 def serve_config(rs: dict) -> dict:
     return yaml.safe_load(rs["spec"]["serveConfigV2"])
 
@@ -143,6 +152,13 @@ def test_serve_config_is_specfleets_own_schema(prof):
     assert app["import_path"] == "orchestrator.app:build_app"
     cfg = ServeConfig.model_validate(app["args"])
     assert app["args"] == chart().merge_values(profile(prof))["serve"]
+    # the application builder accepts it, and the per-deployment overrides name real deployments
+    from orchestrator.app import build_app
+
+    built = build_app(app["args"])
+    assert {d["name"] for d in app["deployments"]} <= _deployment_names(built)
+    ingress = next(d for d in app["deployments"] if d["name"] == "Ingress")
+    assert ingress["ray_actor_options"]["resources"] == {"specfleet_state": 0.001}
     # the Serve proxy listens where the Service and probes expect it
     assert sc["http_options"] == {"host": "0.0.0.0", "port": cfg.http.port}
     head_ctr = rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
@@ -281,10 +297,18 @@ def test_gpu_plan_must_fit(gpu_values, replicas, expect):
 
 
 def test_gpu_plan_that_fits_renders():
-    # 2 nodes x 8: 3 x tp4 + 2 x tp2 packs (first-fit decreasing) exactly
-    docs = render({"gpuWorkers": {"gpusPerNode": 8, "replicas": 2},
-                   "serve": {"replicas": [{"count": 2, "tp": 2}, {"count": 3, "tp": 4}]}})
-    assert by_kind(docs, "RayService")
+    # 2 nodes x 8: 4 x tp4 packs exactly; fractional GPUs per rank pack too
+    assert by_kind(render({"gpuWorkers": {"gpusPerNode": 8, "replicas": 2},
+                           "serve": {"replicas": [{"count": 4, "tp": 4}]}}), "RayService")
+    assert by_kind(render({"gpuWorkers": {"gpusPerNode": 1},
+                           "serve": {"replicas": [{"count": 2, "tp": 1, "num_gpus": 0.5}]}}), "RayService")
+
+
+def test_mixed_tp_rejected():
+    """orchestrator.app serves all replicas from one Serve deployment, hence one tp."""
+    msg = render_error({"gpuWorkers": {"gpusPerNode": 8},
+                        "serve": {"replicas": [{"count": 2, "tp": 2}, {"count": 4, "tp": 1}]}})
+    assert "mixes tp values" in msg, msg
 
 
 def test_inconsistent_paths_rejected():

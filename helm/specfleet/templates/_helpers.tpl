@@ -54,6 +54,21 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
+{{/* The model-cache volume source (head and GPU workers mount the same one). */}}
+{{- define "specfleet.modelCacheVolume" -}}
+{{- if eq .Values.modelCache.type "hostPath" }}
+hostPath:
+  path: {{ .Values.modelCache.hostPath | quote }}
+  type: DirectoryOrCreate
+{{- else if eq .Values.modelCache.type "pvc" }}
+persistentVolumeClaim:
+  claimName: {{ .Values.modelCache.existingClaim }}
+{{- else }}
+emptyDir:
+  sizeLimit: {{ .Values.modelCache.sizeLimit }}
+{{- end }}
+{{- end }}
+
 {{/* The HTTP port of the Serve proxies: serve.http.port of the ServeConfig (default 8000). */}}
 {{- define "specfleet.servePort" -}}
 {{- $http := default dict .Values.serve.http }}
@@ -91,6 +106,11 @@ fails the render.
     {{- $total = addf $total $need }}
     {{- $count = add1 $count }}
   {{- end }}
+{{- end }}
+{{- $tps := list }}
+{{- range .Values.serve.replicas }}{{ $tps = append $tps (toString (default 1 .tp)) }}{{ end }}
+{{- if gt (len (uniq $tps)) 1 }}
+  {{- fail (printf "serve.replicas mixes tp values %v: all replicas of one specfleet application share one Serve deployment and so one tp; install one release per tp" (uniq $tps)) }}
 {{- end }}
 {{- $free := list }}
 {{- range until $nodes }}{{ $free = append $free $perNode }}{{ end }}
