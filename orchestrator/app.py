@@ -9,7 +9,6 @@ specfleet request router (orchestrator.routing.router) or a baseline.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import time
 from typing import Any
@@ -22,7 +21,6 @@ from orchestrator.replica import ModelReplica
 
 log = logging.getLogger("specfleet.app")
 INGRESS_MAX_ONGOING = 4096
-ROUTER_MODULE = "orchestrator.routing.router"
 
 
 class Ingress:
@@ -52,31 +50,13 @@ class Ingress:
 
 
 def router_config(cfg: ServeConfig) -> RequestRouterConfig:
+    from orchestrator.routing.baselines import ROUTER_CLASSES
+
     period = cfg.router.stats_period_s
-    common = dict(request_routing_stats_period_s=period, request_routing_stats_timeout_s=max(1.0, period))
-    if cfg.router.policy == "pow2":
-        return RequestRouterConfig(**common)
-    if cfg.router.policy == "consistent_hash":
-        return RequestRouterConfig(
-            request_router_class="ray.serve.experimental.consistent_hash_router.ConsistentHashRouter", **common)
-    return RequestRouterConfig(request_router_class=_specfleet_router_path(),
-                               request_router_kwargs={"weights": cfg.router.weights.model_dump(mode="json")},
-                               **common)
-
-
-def _specfleet_router_path() -> str:
-    """Import path of the RequestRouter subclass defined in orchestrator/routing/router.py."""
-    from ray.serve.request_router import RequestRouter
-
-    try:
-        mod = importlib.import_module(ROUTER_MODULE)
-    except ModuleNotFoundError as exc:
-        raise ValueError(f"router.policy 'specfleet' needs {ROUTER_MODULE} ({exc}); use policy pow2") from exc
-    for name in ("SpecfleetRouter", *dir(mod)):
-        cls = getattr(mod, name, None)
-        if isinstance(cls, type) and issubclass(cls, RequestRouter) and cls.__module__ == ROUTER_MODULE:
-            return f"{ROUTER_MODULE}.{cls.__name__}"
-    raise ValueError(f"{ROUTER_MODULE} defines no RequestRouter subclass")
+    kwargs = {"weights": cfg.router.weights.model_dump(mode="json")} if cfg.router.policy == "specfleet" else {}
+    return RequestRouterConfig(
+        request_router_class=ROUTER_CLASSES[cfg.router.policy], request_router_kwargs=kwargs,
+        request_routing_stats_period_s=period, request_routing_stats_timeout_s=max(1.0, period))
 
 
 def _gpus_available() -> bool:

@@ -1,15 +1,14 @@
 """Model replica: the Ray Serve deployment that owns one engine (a ReplicaGroup, an AsyncLLMEngine or
 the mock) and streams a request's tokens back to the ingress as plain dicts.
 
-Call contract (the ingress and the router rely on it; see /work/shared/notes/replica-call.md):
-``generate(request_id, prompt_token_ids, sampling: dict, spec: dict|None, tags: dict, prefix_tokens,
-route_plan: dict)`` yields, in order:
+Call contract (the ingress and the router rely on it): ``generate(request_id, prompt_token_ids,
+sampling: dict, tags: dict, route: dict)`` where ``route`` is ``orchestrator.routing.decisions.route_hints``
+(the router adds ``route["decision"]`` in place before the call is sent). It yields, in order:
   {"type": "start", "replica", "rank", "route", "spec"}        once admitted by the engine
   {"type": "delta", "token_ids", "text", "accepted"}           per engine step with new tokens
   {"type": "end", "finish_reason", "completion_tokens", "target_passes", "stats"}
 or a single {"type": "error", "kind": "invalid"|"no_capacity"|"engine", "message"} (also possible
-after "start": then it ends the stream). ``route_plan[replica_id] = {"reason", "spec"}`` is filled
-by the specfleet router (orchestrator.routing.router) in place before the call is sent.
+after "start": then it ends the stream).
 Heterogeneous fleets: replica rank r takes ``cfg.fleet()[r]``.
 """
 from __future__ import annotations
@@ -87,7 +86,7 @@ class ReplicaCore:
     """Serve-independent replica logic (tests drive it directly)."""
 
     def __init__(self, engine: Any, spec: ReplicaSpec, *, replica_id: str, rank: int, block_size: int,
-                 spec_available: bool, default_reason: str = "direct"):
+                 spec_available: bool, default_reason: str = "direct", weights: Any = None):
         self.engine = engine
         self.spec = spec
         self.replica_id = replica_id
@@ -95,29 +94,33 @@ class ReplicaCore:
         self.block_size = block_size
         self.spec_available = spec_available
         self.default_reason = default_reason
+        self.weights = weights
         self.recent: OrderedDict[str, float] = OrderedDict()
         self.in_flight = 0
 
-    def _decide(self, spec: dict | None, route_plan: dict | None) -> tuple[SpecParams | None, str]:
-        plan = (route_plan or {}).get(self.replica_id)
-        reason = self.default_reason
-        chosen = spec
-        if isinstance(plan, dict):
-            reason = str(plan.get("reason") or reason)
-            if spec is None and isinstance(plan.get("spec"), dict):
-                chosen = plan["spec"]
+    def _decide(self, route: dict | None) -> tuple[SpecParams, str]:
+        """The router's SpecParams for this replica (orchestrator.routing.decisions), else the client's
+        explicit choice, else recomputed from this replica's own stats; AR where there is no drafter."""
+        from orchestrator.routing.decisions import spec_for_replica
+        from orchestrator.routing.stats import RoutingStats
+
+        mine = (((route or {}).get("decision") or {}).get("by_replica") or {}).get(self.replica_id) or {}
+        reason = str(mine.get("reason") or self.default_reason)
         if not self.spec_available:
             return SpecParams(enabled=False, block_size=self.block_size), reason
-        if chosen is None:
+        try:
+            sp = spec_for_replica(route, self.replica_id, RoutingStats.from_dict(self.routing_stats()), self.weights)
+        except Exception:  # a malformed hint must not fail the request
+            log.warning("bad route hint ignored", exc_info=True)
+            sp = None
+        if sp is None:
             return SpecParams(enabled=True, block_size=self.block_size), reason
-        return SpecParams(enabled=bool(chosen.get("enabled", True)),
-                          block_size=int(chosen.get("block_size") or self.block_size)), reason
+        return SpecParams(enabled=sp.enabled, block_size=min(int(sp.block_size), self.block_size)), reason
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: dict,
-                       spec: dict | None = None, tags: dict | None = None, prefix_tokens: int = 0,
-                       route_plan: dict | None = None) -> AsyncIterator[dict]:
+                       tags: dict | None = None, route: dict | None = None) -> AsyncIterator[dict]:
         tags = {k: str(v) for k, v in (tags or {}).items() if v}
-        sp, reason = self._decide(spec, route_plan)
+        sp, reason = self._decide(route)
         try:
             params = SamplingParams(**{**sampling, "stop": tuple(sampling.get("stop") or ())})
         except TypeError as exc:
@@ -222,11 +225,11 @@ class ModelReplica:
         fleet = cfg.fleet()
         spec = fleet[rank % len(fleet)]
         engine, has_drafter = await build_engine(cfg, spec)
-        default_reason = {"specfleet": "direct"}.get(cfg.router.policy, cfg.router.policy)
+        default_reason = "direct"
         self.core = ReplicaCore(
             engine, spec, replica_id=ctx.replica_id.unique_id, rank=rank,
             block_size=spec.block_size or cfg.model.block_size,
-            spec_available=has_drafter, default_reason=default_reason,
+            spec_available=has_drafter, default_reason=default_reason, weights=cfg.router.weights,
         )
         log.info("replica %s rank %d ready (speculative=%s)", self.core.replica_id, rank, has_drafter)
 

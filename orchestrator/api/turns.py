@@ -16,6 +16,8 @@ from typing import Any, AsyncIterator
 
 from orchestrator.api.errors import APIError, too_many
 from orchestrator.api.state import ServerState
+from orchestrator.routing.decisions import pop_decision, route_hints
+from workers.params import SpecParams
 
 log = logging.getLogger("specfleet.api")
 ATTEMPTS = 3
@@ -82,14 +84,19 @@ class Turn:
 
     async def _admit(self) -> None:
         st, lim = self.state, self.state.cfg.limits
-        kwargs = dict(
-            request_id=self.req.request_id, prompt_token_ids=self.req.prompt_token_ids, sampling=self.req.sampling,
-            spec=self.req.spec, tags=self.req.tags, route_plan={},
-            prefix_tokens=min(st.context_len.get(self.session_id or "", 0), len(self.req.prompt_token_ids)),
-        )
+        n_prompt = len(self.req.prompt_token_ids)
+        spec = SpecParams(**self.req.spec) if self.req.spec else None
+        if spec is not None and not spec.block_size:
+            spec.block_size = st.cfg.model.block_size
+        route = route_hints(
+            self.req.request_id, session_id=self.session_id, role=self.req.tags.get("role"),
+            team=self.req.tags.get("team"), prompt_tokens=n_prompt, max_tokens=self.req.sampling["max_tokens"],
+            prefix_tokens=min(st.context_len.get(self.session_id or "", 0), n_prompt), spec=spec)
+        kwargs = dict(request_id=self.req.request_id, prompt_token_ids=self.req.prompt_token_ids,
+                      sampling=self.req.sampling, tags=self.req.tags)
         last_exc: BaseException | None = None
         for attempt in range(ATTEMPTS):
-            gen = st.backend.stream(self.session_id, dict(kwargs, route_plan={}))
+            gen = st.backend.stream(self.session_id, dict(kwargs, route=dict(route)))
             try:
                 first = await asyncio.wait_for(gen.__anext__(), lim.queue_timeout_s)
             except asyncio.TimeoutError:
@@ -115,7 +122,11 @@ class Turn:
                                headers={"Retry-After": str(lim.retry_after_s)})
             self._gen, self._first = gen, first
             res = self.result
-            res.replica, res.route, res.spec = first.get("replica"), first.get("route"), first.get("spec")
+            decision = pop_decision(self.req.request_id) or {}
+            res.replica, res.spec = first.get("replica"), first.get("spec")
+            res.route = decision.get("reason") or first.get("route")
+            if decision.get("replica") and decision["replica"] != res.replica:
+                res.route = "spill"  # the router's best was full; Serve used the next one
             st.metrics.route(res.replica or "?", res.route or "?", res.spec)
             return
         raise APIError(503, f"no replica available: {type(last_exc).__name__}: {last_exc}", code="replica_unavailable",
