@@ -53,8 +53,14 @@ def chat_prompt_ids(tokenizer, text: str) -> list[int]:
 
 def generate_responses(model_dir: str | Path, prompts: Iterable[Prompt], out_path: str | Path, *,
                        max_new_tokens: int = 192, batch_size: int = 16, device: str = "auto",
-                       threads: int | None = None) -> list[dict]:
-    """Answer every prompt not yet in ``out_path``; returns all records (old and new)."""
+                       threads: int | None = None, capture_layers: list[int] | None = None) -> list[dict]:
+    """Answer every prompt not yet in ``out_path``; returns all records (old and new).
+
+    With ``capture_layers`` the raw outputs of those target layers (HF ``hidden_states[t+1]``), which the
+    generation computes anyway, are saved for every position but the last of prompt+response as
+    ``<out_path stem>.features/shard-NNNNN.safetensors`` (one bf16 tensor [T-1, n_layers*H] per record id),
+    so the trainer never runs the target again. The shard is written before the JSONL lines that name it.
+    """
     import torch
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -80,6 +86,13 @@ def generate_responses(model_dir: str | Path, prompts: Iterable[Prompt], out_pat
     window = batch_size * 8  # sort by length inside windows: little padding, yet the given order (categories
     encoded = [pe for w in range(0, len(encoded), window)  # interleaved) holds if the run is stopped early
                for pe in sorted(encoded[w : w + window], key=lambda pe: len(pe[1]))]
+    feat_dir = features_dir(out_path)
+    if capture_layers:
+        feat_dir.mkdir(exist_ok=True)
+        n_layers = model.config.num_hidden_layers
+        if not all(0 <= t < n_layers - 1 for t in capture_layers):  # the last entry of hidden_states is normed
+            raise ValueError(f"capture layers {capture_layers} must lie in [0, {n_layers - 2}]")
+    shard_no = len(list(feat_dir.glob("shard-*.safetensors"))) if capture_layers else 0
     t0, n_tok = time.time(), 0
     bar = tqdm(total=len(encoded), desc="generate", unit="prompt", file=sys.stderr)
     with open(out_path, "a") as f:
@@ -90,8 +103,10 @@ def generate_responses(model_dir: str | Path, prompts: Iterable[Prompt], out_pat
             attn = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for _, ids in chunk], device=dev)
             with torch.inference_mode():
                 out = model.generate(input_ids=input_ids, attention_mask=attn, max_new_tokens=max_new_tokens,
-                                     do_sample=False, eos_token_id=eos, pad_token_id=pad)
-            for (p, ids), row in zip(chunk, out[:, width:].tolist()):
+                                     do_sample=False, eos_token_id=eos, pad_token_id=pad,
+                                     return_dict_in_generate=True, output_hidden_states=bool(capture_layers))
+            recs, feats = [], {}
+            for i, ((p, ids), row) in enumerate(zip(chunk, out.sequences[:, width:].tolist())):
                 resp = []
                 for t in row:
                     resp.append(t)
@@ -101,6 +116,14 @@ def generate_responses(model_dir: str | Path, prompts: Iterable[Prompt], out_pat
                 rec = {"id": p.id, "category": p.category, "split": p.split, "prompt": p.text,
                        "prompt_ids": ids, "response_ids": resp,
                        "text": tok.decode(resp, skip_special_tokens=True)}
+                if capture_layers:
+                    feats[p.id] = _gather_features(out.hidden_states, i, width - len(ids), len(resp), capture_layers)
+                    rec["features"] = f"shard-{shard_no:05d}.safetensors"
+                recs.append(rec)
+            if capture_layers:
+                _save_shard(feats, feat_dir / f"shard-{shard_no:05d}.safetensors")
+                shard_no += 1
+            for rec in recs:
                 f.write(json.dumps(rec) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -108,3 +131,28 @@ def generate_responses(model_dir: str | Path, prompts: Iterable[Prompt], out_pat
             bar.set_postfix(tok_s=f"{n_tok / (time.time() - t0):.0f}")
     bar.close()
     return read_jsonl(out_path)
+
+
+def features_dir(out_path: Path) -> Path:
+    return out_path.with_name(out_path.stem + ".features")
+
+
+def _gather_features(hidden_states, row: int, pad: int, resp_len: int, layers: list[int]):
+    """HF generate hidden states -> [P + resp_len - 1, n_layers*H] bf16 for one batch row.
+
+    hidden_states[0][t+1] is [b, width, H] (prompt, left-padded); hidden_states[s][t+1] is [b, 1, H], the
+    output for the token generated at step s-1; the last generated token is never fed back (not needed).
+    """
+    import torch
+
+    prompt = torch.cat([hidden_states[0][t + 1][row, pad:] for t in layers], dim=-1)  # [P, n*H]
+    steps = [torch.cat([hidden_states[s][t + 1][row] for t in layers], dim=-1) for s in range(1, resp_len)]
+    return torch.cat([prompt, *steps], dim=0).to(torch.bfloat16)
+
+
+def _save_shard(feats: dict, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in feats.items()}, str(tmp))
+    os.replace(tmp, path)
