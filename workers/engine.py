@@ -1,0 +1,240 @@
+"""The engine: add_request / step / abort over scheduler -> runner -> drafter -> verifier -> KV commit.
+
+One ``step()``: schedule; draft a block for every speculative sequence (one drafter forward for all);
+one target forward over the flat batch (prefill chunks, AR tokens, verify blocks); sample / verify per
+sequence; write the committed tokens' features into the drafter's context cache; roll the KV back past
+the rejected drafts; detokenize and apply stop conditions. ``AsyncLLMEngine`` (workers/async_engine.py)
+runs this loop off the event loop.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from workers.detokenize import IncrementalDetokenizer
+from workers.kv_cache import BlockManager, KVPool, blocks_for, kv_bytes_per_block, pool_budget_bytes
+from workers.models.loader import load_model, resolve_device, resolve_dtype
+from workers.params import (EngineStats, InvalidRequest, NoCapacity, RequestOutput, SamplingParams,
+                            SpecParams)
+from workers.runner import ModelRunner, SeqSlice, build_step_inputs
+from workers.scheduler import ScheduledSeq, Scheduler, Sequence
+from workers.spec_step import StepExecutor
+from workers.stats import StatsTracker
+
+
+@dataclass
+class EngineConfig:
+    model: str  # HF model dir (config.json + *.safetensors [+ index]) or a .gguf file
+    drafter: str | None = None  # DFlash checkpoint dir in z-lab format; None = AR only
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    device: str = "auto"  # "cpu" | "cuda" | "cuda:N"
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # default: the model's max positions
+    kv_block_size: int = 16  # tokens per KV-cache block
+    kv_cache_bytes: int | None = None  # pool size on CPU (default 512 MiB)
+    gpu_memory_utilization: float = 0.85
+    num_spec_tokens_default: int = 16  # default SpecParams.block_size
+    seed: int = 0
+
+
+def _eos_ids(model_cfg, tokenizer, model_path: str) -> list[int]:
+    ids = set(model_cfg.eos_token_ids)
+    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen = Path(model_path) / "generation_config.json" if model_path else None
+    if gen is not None and gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids.update([eos] if isinstance(eos, int) else (eos or []))
+    return sorted(ids)
+
+
+class LLMEngine:
+    def __init__(self, cfg: EngineConfig, model=None, drafter=None, tokenizer=None):
+        """Loads ``cfg.model`` / ``cfg.drafter`` unless already-built modules are passed (tests, TP)."""
+        from workers.drafter import load_drafter
+
+        self.config = cfg
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        if model is None:
+            loaded = load_model(cfg.model, self.dtype, str(self.device))
+            model, tokenizer = loaded.model, loaded.tokenizer
+        self.model = model
+        self.model_config = mc = model.config
+        self.tokenizer = tokenizer
+        if drafter is None and cfg.drafter:
+            drafter = load_drafter(cfg.drafter, mc, self.dtype, self.device)
+        self.drafter = drafter
+        self.max_model_len = cfg.max_model_len or mc.max_position_embeddings
+        if not 1 < self.max_model_len <= mc.max_position_embeddings:
+            raise ValueError(f"max_model_len {self.max_model_len} must be in (1, {mc.max_position_embeddings}]")
+        if cfg.max_num_seqs < 1 or cfg.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        self.eos_token_ids = _eos_ids(mc, tokenizer, cfg.model)
+        self.max_block = drafter.block_size if drafter is not None else 1
+        bs = cfg.kv_block_size
+        draft_layers = [] if drafter is None else [
+            (drafter.config.num_key_value_heads, drafter.config.head_dim)] * drafter.config.num_hidden_layers
+        target_layers = [(layer.self_attn.num_kv_heads, layer.self_attn.head_dim) for layer in model.model.layers]
+        per_block = kv_bytes_per_block(bs, target_layers + draft_layers, torch.empty((), dtype=self.dtype).element_size())
+        budget = pool_budget_bytes(self.device, cfg.kv_cache_bytes, cfg.gpu_memory_utilization)
+        useful = cfg.max_num_seqs * blocks_for(self.max_model_len + bs, bs)
+        num_blocks = min(budget // per_block, useful)
+        if num_blocks < 1:
+            raise ValueError(f"KV budget of {budget} bytes holds no {bs}-token block ({per_block} bytes each)")
+        self.blocks = BlockManager(num_blocks, bs)
+        self.pool = KVPool(num_blocks, bs, target_layers, draft_layers, self.dtype, self.device)
+        self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens,
+                                   draft_slack=bs if drafter is not None else 0)
+        self.runner = ModelRunner(model, drafter, self.pool, bs, self.device)
+        self.tracker = StatsTracker(max_block=max(self.max_block, 2))
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.executor = StepExecutor(self)
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._generators: dict[str, torch.Generator] = {}
+        self._pending: list[RequestOutput] = []
+
+    # ---- requests ----
+    def default_spec(self) -> SpecParams:
+        return SpecParams(enabled=self.drafter is not None,
+                          block_size=max(2, min(self.config.num_spec_tokens_default, self.max_block)))
+
+    def validate_request(self, request_id, prompt_token_ids, sampling: SamplingParams,
+                         spec: SpecParams | None) -> tuple[list[int], SpecParams]:
+        if not isinstance(request_id, str) or not request_id:
+            raise InvalidRequest("request_id must be a non-empty string")
+        if request_id in self.scheduler.by_id:
+            raise InvalidRequest(f"request id {request_id!r} is already running")
+        if not isinstance(sampling, SamplingParams):
+            raise InvalidRequest("sampling must be a SamplingParams")
+        sampling.validate()
+        try:
+            ids = [int(t) for t in prompt_token_ids]
+        except (TypeError, ValueError):
+            raise InvalidRequest("prompt_token_ids must be a list of integers") from None
+        if not ids:
+            raise InvalidRequest("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise InvalidRequest(f"prompt token ids must be in [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequest(f"prompt of {len(ids)} tokens does not fit the context of {self.max_model_len}")
+        if len(ids) + sampling.max_tokens > self.max_model_len:
+            raise InvalidRequest(
+                f"prompt ({len(ids)}) + max_tokens ({sampling.max_tokens}) exceeds the context of "
+                f"{self.max_model_len} tokens; at most {self.max_model_len - len(ids)} new tokens fit")
+        if sampling.stop and self.tokenizer is None:
+            raise InvalidRequest("stop strings need a tokenizer; this model has none")
+        spec = self.default_spec() if spec is None else spec
+        if not isinstance(spec, SpecParams):
+            raise InvalidRequest("spec must be a SpecParams")
+        if spec.enabled and self.drafter is not None:
+            spec.validate(self.max_block)
+        return ids, spec
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
+                    spec: SpecParams | None = None, tags: dict[str, Any] | None = None) -> None:
+        """Validate and admit; raises InvalidRequest / NoCapacity before any work."""
+        ids, spec = self.validate_request(request_id, prompt_token_ids, sampling, spec)
+        block = spec.block_size if (spec.enabled and self.drafter is not None) else 1
+        seq = Sequence(request_id, ids, sampling, block, {str(k): str(v) for k, v in (tags or {}).items()})
+        need = self.scheduler.worst_case_tokens(seq)
+        if blocks_for(need, self.blocks.block_size) > self.blocks.num_blocks:
+            raise InvalidRequest(f"request needs {need} KV tokens; the whole pool holds {self.blocks.total_tokens}")
+        if not self.blocks.can_reserve(need):
+            raise NoCapacity(f"KV pool full: request needs {need} tokens, {self.blocks.free_tokens} free")
+        self.scheduler.add(seq)
+        self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, ids, tuple(sampling.stop))
+        if sampling.seed is not None:
+            self._generators[request_id] = torch.Generator(device=self.device).manual_seed(sampling.seed)
+
+    def generator_for(self, request_id: str) -> torch.Generator:
+        return self._generators.get(request_id, self.generator)
+
+    def abort(self, request_id: str) -> None:
+        seq = self.scheduler.by_id.get(request_id)
+        if seq is None:
+            return
+        self._finish(seq)
+        detok = self._detok.pop(request_id, None)
+        text = detok.flush() if detok is not None else ""
+        self._pending.append(RequestOutput(request_id, [], text, finished=True, finish_reason="abort"))
+
+    def _finish(self, seq: Sequence) -> None:
+        self.scheduler.finish(seq)
+        self._generators.pop(seq.request_id, None)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._pending)
+
+    # ---- one step ----
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending = self._pending, []
+        sched = self.scheduler.schedule()
+        if sched.empty:
+            return outputs
+        t0 = time.perf_counter()
+        results = self.executor.run(sched.items)
+        ms = (time.perf_counter() - t0) * 1e3
+        if all(it.kind != "prefill" for it in sched.items):
+            spec_blocks = [it.num_query for it in sched.items if it.kind == "spec"]
+            self.tracker.record_step_time(ms, max(spec_blocks) if spec_blocks else None)
+        for it in sched.items:
+            res = results.get(it.seq.request_id)
+            out = self._apply(it, res)
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def _apply(self, it: ScheduledSeq, res) -> RequestOutput | None:
+        seq = it.seq
+        rid = seq.request_id
+        if isinstance(res, BaseException):
+            self._finish(seq)
+            self._detok.pop(rid, None)
+            return RequestOutput(rid, [], finished=True, finish_reason="error", error=f"{type(res).__name__}: {res}")
+        num_computed, tokens, accepted = res
+        remaining = seq.sampling.max_tokens - seq.num_output
+        reason = None
+        if not seq.sampling.ignore_eos:
+            for i, t in enumerate(tokens):
+                if t in self.eos_token_ids:
+                    tokens, reason = tokens[: i + 1], "stop"
+                    break
+        if len(tokens) >= remaining and tokens:
+            tokens, reason = tokens[:remaining], reason or "length"
+        self.scheduler.commit(seq, num_computed, tokens)
+        if tokens and it.kind != "prefill":
+            self.tracker.record_pass(len(tokens))
+        if not tokens:
+            return None
+        detok = self._detok[rid]
+        text, hit = detok.add(tokens)
+        if hit:
+            reason = "stop"
+        if reason is not None:
+            text += detok.flush()
+            self._finish(seq)
+            del self._detok[rid]
+        return RequestOutput(rid, tokens, text, finished=reason is not None, finish_reason=reason,
+                             accepted=[accepted])
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return self.tracker.snapshot(self.blocks.free_tokens, self.blocks.total_tokens, len(s.running),
+                                     len(s.waiting))
+
+    def request_tau(self, request_id: str) -> float | None:
+        seq = self.scheduler.by_id.get(request_id)
+        return None if seq is None else seq.tau
+
+
+from workers.async_engine import AsyncLLMEngine  # noqa: E402  (re-exported: the seam lives here)
+
+__all__ = ["EngineConfig", "LLMEngine", "AsyncLLMEngine", "SeqSlice", "build_step_inputs"]

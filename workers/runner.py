@@ -1,0 +1,139 @@
+"""Model runner: turns one scheduled step into tensors and runs the target and the drafter on them.
+
+``StepInputs`` is everything the target forward needs, as tensors (broadcast it to TP follower ranks and
+call ``run_target`` there). Inputs are built on the host with numpy in one go and moved with a single copy
+per tensor; the forward itself has no host syncs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from workers.models.attention import AttnMetadata
+
+
+@dataclass
+class SeqSlice:
+    """One sequence's part of the flat batch."""
+
+    token_ids: list[int]  # query tokens this step
+    start_pos: int  # position of token_ids[0] (= tokens already in the cache)
+    block_table: list[int]
+    logits_rows: list[int]  # offsets within token_ids whose logits are needed
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [N] long
+    positions: torch.Tensor  # [N] long
+    attn: AttnMetadata
+    logits_index: torch.Tensor  # [R] long rows of the flat batch whose final hidden is returned
+    capture: bool  # return the drafter's conditioning features (captured target layer outputs)
+
+
+def _to(a: np.ndarray, device) -> torch.Tensor:
+    t = torch.from_numpy(a)
+    return t if device.type == "cpu" else t.to(device, non_blocking=True)
+
+
+def build_step_inputs(slices: list[SeqSlice], block_size: int, device, capture: bool) -> StepInputs:
+    b = len(slices)
+    lens = np.array([len(s.token_ids) for s in slices], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
+    n, tq = int(lens.sum()), int(lens.max())
+    ids = np.fromiter((t for s in slices for t in s.token_ids), dtype=np.int64, count=n)
+    pos = np.concatenate([np.arange(s.start_pos, s.start_pos + len(s.token_ids)) for s in slices]).astype(np.int64)
+    nblk = max(-(-(s.start_pos + len(s.token_ids)) // block_size) for s in slices)
+    tables = np.zeros((b, nblk), dtype=np.int64)
+    for i, s in enumerate(slices):
+        tables[i, : len(s.block_table)] = s.block_table[:nblk]
+    seq_of = np.repeat(np.arange(b), lens)
+    slots = tables[seq_of, pos // block_size] * block_size + pos % block_size
+    # padded query layout [B, Tq]; padding rows repeat the sequence's last row and are dropped on the way out
+    t_idx = np.arange(tq)[None, :]
+    q_index = starts[:, None] + np.minimum(t_idx, lens[:, None] - 1)  # [B, Tq]
+    pad_pos = pos[q_index]  # [B, Tq]
+    mask = np.arange(nblk * block_size)[None, None, :] <= pad_pos[:, :, None]  # [B, Tq, K]
+    out_index = seq_of * tq + (np.arange(n) - starts[seq_of])
+    logits_rows = np.array([starts[i] + r for i, s in enumerate(slices) for r in s.logits_rows], dtype=np.int64)
+    single = b == 1
+    attn = AttnMetadata(
+        slot_mapping=_to(slots, device),
+        block_tables=_to(tables, device),
+        q_index=None if single else _to(q_index.reshape(-1), device),
+        out_index=None if single else _to(out_index, device),
+        mask=_to(mask[:, None], device),
+        batch=b,
+        q_len=tq,
+    )
+    return StepInputs(_to(ids, device), _to(pos, device), attn, _to(logits_rows, device), capture)
+
+
+@dataclass
+class DraftInputs:
+    block_ids: torch.Tensor  # [B, Q] long: [anchor, MASK x (Q-1)] (MASK also pads shorter blocks)
+    positions: torch.Tensor  # [B, Q] long
+    block_tables: torch.Tensor  # [B, nblk]
+    mask: torch.Tensor  # [B, 1, Q, nblk*bs + Q] bool
+
+
+def build_draft_inputs(anchors: list[int], ctx_lens: list[int], blocks: list[int], tables: list[list[int]],
+                       mask_token_id: int, block_size: int, device) -> DraftInputs:
+    b, q = len(anchors), max(blocks)
+    nblk = max(1, max(-(-c // block_size) for c in ctx_lens))
+    ids = np.full((b, q), mask_token_id, dtype=np.int64)
+    ids[:, 0] = anchors
+    ctx = np.array(ctx_lens, dtype=np.int64)
+    pos = ctx[:, None] + np.arange(q)[None, :]
+    tab = np.zeros((b, nblk), dtype=np.int64)
+    for i, t in enumerate(tables):
+        tab[i, : min(len(t), nblk)] = t[:nblk]
+    ctx_vis = np.arange(nblk * block_size)[None, :] < ctx[:, None]  # [B, K]
+    own_vis = np.arange(q)[None, :] < np.array(blocks)[:, None]  # [B, Q]
+    vis = np.concatenate([ctx_vis, own_vis], axis=1)[:, None, None, :]  # [B, 1, 1, K+Q]
+    mask = np.broadcast_to(vis, (b, 1, q, vis.shape[-1])).copy()
+    return DraftInputs(_to(ids, device), _to(pos, device), _to(tab, device), _to(mask, device))
+
+
+class ModelRunner:
+    def __init__(self, model, drafter, pool, block_size: int, device):
+        self.model = model
+        self.drafter = drafter
+        self.pool = pool
+        self.block_size = block_size
+        self.device = device
+        self.capture_layers = list(drafter.config.target_layer_ids) if drafter is not None else []
+        # set by tensor parallelism on rank 0: called with the StepInputs before every target forward
+        self.before_forward: Callable[[StepInputs], None] | None = None
+
+    @torch.inference_mode()
+    def run_target(self, inp: StepInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (logits [R, V] fp32 for inp.logits_index rows, features [N, n_feat*H] or None)."""
+        if self.before_forward is not None:
+            self.before_forward(inp)
+        hidden, feats = self.model.forward_paged(
+            inp.input_ids, inp.positions, self.pool.target, inp.attn,
+            capture_layers=self.capture_layers if inp.capture else (),
+        )
+        return self.model.logits(hidden[inp.logits_index]).float(), feats
+
+    @torch.inference_mode()
+    def propose_logits(self, d: DraftInputs) -> torch.Tensor:
+        """-> drafter logits [B, Q-1, V] fp32 for block positions 1..Q-1."""
+        emb = self.model.embed(d.block_ids)  # [B, Q, H]
+        h = self.drafter.propose_hidden(emb, d.positions, self.pool.drafter, d.block_tables, d.mask)
+        return self.model.logits(h[:, 1:]).float()
+
+    @torch.inference_mode()
+    def write_context(self, feats: torch.Tensor, rows: list[int], positions: list[int], slots: list[int]):
+        """Committed tokens' features (rows of the flat batch) -> drafter context K/V at their slots."""
+        if not rows:
+            return
+        idx = torch.tensor(rows, device=feats.device)
+        self.drafter.write_context(
+            feats[idx], torch.tensor(positions, device=self.device), self.pool.drafter,
+            torch.tensor(slots, device=self.device),
+        )

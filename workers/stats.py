@@ -1,0 +1,68 @@
+"""Acceptance and timing statistics: per step, per request, per tag (session / role / team) -> EngineStats."""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from workers.params import EngineStats
+
+MAX_TAG_VALUES = 10_000  # per tag key; the least recently updated values are dropped beyond this
+
+
+class StatsTracker:
+    def __init__(self, alpha: float = 0.1, max_block: int = 16):
+        self.alpha = alpha
+        self.step_ms_ar: float | None = None
+        self.step_ms_by_block: dict[int, float] = {}
+        self.tau_by_tag: dict[str, OrderedDict[str, tuple[float, int]]] = {}
+        self.spec_passes = 0
+        self.spec_tokens = 0
+        self.hits = [0] * max(1, max_block - 1)
+        self.tries = [0] * max(1, max_block - 1)
+        self.tokens_generated = 0
+        self.target_passes = 0
+
+    def _ewma(self, old: float | None, x: float) -> float:
+        return x if old is None else (1 - self.alpha) * old + self.alpha * x
+
+    def record_step_time(self, ms: float, block: int | None) -> None:
+        """A pure decode step (no prefill in it); block None = AR only, else the largest spec block."""
+        if block is None:
+            self.step_ms_ar = self._ewma(self.step_ms_ar, ms)
+        else:
+            self.step_ms_by_block[block] = self._ewma(self.step_ms_by_block.get(block), ms)
+
+    def record_pass(self, committed: int) -> None:
+        """One decode target pass of one sequence (AR or spec) that committed ``committed`` tokens."""
+        self.target_passes += 1
+        self.tokens_generated += committed
+
+    def record_spec(self, proposed: int, accepted: int, tags: dict[str, str]) -> None:
+        """One verified block: ``proposed`` drafts, the first ``accepted`` of them accepted."""
+        committed = accepted + 1
+        self.spec_passes += 1
+        self.spec_tokens += committed
+        for j in range(min(proposed, len(self.tries))):
+            self.tries[j] += 1
+            if j < accepted:
+                self.hits[j] += 1
+        for key, value in tags.items():
+            table = self.tau_by_tag.setdefault(str(key), OrderedDict())
+            old = table.pop(str(value), None)
+            table[str(value)] = (self._ewma(old[0] if old else None, committed), (old[1] if old else 0) + 1)
+            if len(table) > MAX_TAG_VALUES:
+                table.popitem(last=False)
+
+    def snapshot(self, kv_free_tokens: int, kv_total_tokens: int, num_running: int, num_waiting: int) -> EngineStats:
+        return EngineStats(
+            kv_free_tokens=kv_free_tokens,
+            kv_total_tokens=kv_total_tokens,
+            num_running=num_running,
+            num_waiting=num_waiting,
+            step_ms_ar=self.step_ms_ar,
+            step_ms_by_block=dict(self.step_ms_by_block),
+            tau_by_tag={k: dict(v) for k, v in self.tau_by_tag.items()},
+            tau_mean=self.spec_tokens / self.spec_passes if self.spec_passes else None,
+            accept_by_position=[h / t for h, t in zip(self.hits, self.tries) if t],
+            tokens_generated=self.tokens_generated,
+            target_passes=self.target_passes,
+        )
