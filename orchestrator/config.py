@@ -125,8 +125,7 @@ class LimitsConfig(_Strict):
 
     @model_validator(mode="after")
     def _defaults_fit(self) -> "LimitsConfig":
-        if self.default_max_tokens > self.max_tokens:
-            raise ValueError("limits.default_max_tokens must not exceed limits.max_tokens")
+        self.default_max_tokens = min(self.default_max_tokens, self.max_tokens)  # the server cap wins
         return self
 
 

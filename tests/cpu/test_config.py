@@ -41,7 +41,6 @@ def test_yaml_heterogeneous_fleet(tmp_path):
         {"replicas": []},
         {"replicas": [{"tp": 0}]},
         {"replicas": [{"tp": 16}]},
-        {"limits": {"default_max_tokens": 10, "max_tokens": 5}},
         {"replicas": [{"mock": {"acceptance_by_role": {"coder": 1.5}}}]},
         {"engine": "fake"},
     ],
@@ -49,6 +48,10 @@ def test_yaml_heterogeneous_fleet(tmp_path):
 def test_invalid_values(bad):
     with pytest.raises(ValidationError):
         ServeConfig.model_validate(bad)
+
+
+def test_default_max_tokens_is_capped_by_the_limit():
+    assert ServeConfig.model_validate({"limits": {"max_tokens": 5}}).limits.default_max_tokens == 5
 
 
 def test_missing_yaml_is_a_clear_error(tmp_path):
