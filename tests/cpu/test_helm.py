@@ -328,3 +328,20 @@ def test_strict_crd_check_catches_mistakes():
     bad["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]["num-gpus"] = 0
     errors = crd_errors(bad)
     assert any("replica" in e for e in errors) and any("num-gpus" in e for e in errors), errors
+
+
+def test_render_cli(capsys):
+    """helm/render.py: `helm template` without a binary (repeated --set merge like helm's)."""
+    sys.path.insert(0, str(ROOT / "helm"))
+    try:
+        import render as render_cli
+    finally:
+        sys.path.pop(0)
+    assert render_cli.main(["-f", str(CHART / "values-dgx-b300.yaml"), "--namespace", "llm"]) == 0
+    out = capsys.readouterr().out
+    (rs,) = [d for d in yaml.load_all(out, Loader=Loader) if d and d.get("kind") == "RayService"]
+    assert not crd_errors(rs)
+    assert render_cli.main(["--set", "gpuWorkers.gpusPerNode=8", "--set", "serve.replicas[0].count=5",
+                            "--set", "serve.replicas[0].tp=2"]) == 1
+    assert "needing 10 GPUs in total" in capsys.readouterr().err
+    assert render_cli.main(["--lint", "-f", str(CHART / "values-single-gpu.yaml")]) == 0
