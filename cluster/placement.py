@@ -1,0 +1,366 @@
+"""ReplicaGroup: one model replica = one placement group, one Ray actor per TP rank, rank 0 runs the engine.
+
+    group = ReplicaGroup(EngineConfig(model=..., drafter=...), tp=2)
+    await group.start()                      # placement group (STRICT_PACK, one {"GPU":1,"CPU":1} per rank)
+    async for out in group.generate(rid, ids, SamplingParams()): ...
+    group.stats(); group.telemetry(); group.check_health(); await group.shutdown()
+
+tp == 1 runs the engine in-process (AsyncLLMEngine) unless in_process=False. tp > 1 (or in_process=False)
+creates the rank actors in the current placement group when there is one (a Serve replica started with
+`placement_group_bundles=[{"CPU":1,"GPU":1}]*tp` sits in bundle 0 with no resources of its own), else in a
+placement group of its own. A monitor task pings every rank; when a rank dies (or the engine / a follower
+loop breaks) the replica is torn down and re-created on the same bundles; open streams end with
+finish_reason "error", and new requests wait for the new ranks (NoCapacity after `ready_timeout_s`).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from workers.params import EngineStats, NoCapacity, RequestOutput
+
+log = logging.getLogger("specfleet.placement")
+DEFAULT_BUNDLE = {"GPU": 1, "CPU": 1}
+
+
+@dataclass
+class RankInfo:
+    rank: int
+    bundle_index: int
+    gpu_ids: list[str]
+    node_ip: str
+    pid: int
+    actor_id: str = ""
+
+
+@dataclass
+class GroupState:
+    generation: int = 0  # bumped on every (re)start
+    restarts: int = 0
+    last_error: str | None = None
+    load_s: list[float] = field(default_factory=list)
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """Ray wraps remote exceptions; hand back the engine's typed error (InvalidRequest, NoCapacity, ...)."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BaseException) else exc
+
+
+class ReplicaGroup:
+    def __init__(self, engine_cfg, tp: int = 1, *, in_process: bool | None = None, placement_group=None,
+                 bundle_indices: list[int] | None = None, bundle: dict[str, float] | None = None,
+                 torch_threads: int | None = None, restart_on_failure: bool = True,
+                 monitor_interval_s: float = 1.0, ready_timeout_s: float = 60.0,
+                 place_timeout_s: float = 60.0, progress: bool = True, name: str = "replica"):
+        if tp < 1:
+            raise ValueError(f"tp must be >= 1, got {tp}")
+        self.engine_cfg, self.tp, self.name = engine_cfg, tp, name
+        self.in_process = (tp == 1) if in_process is None else in_process
+        if self.in_process and tp > 1:
+            raise ValueError("tensor parallelism needs rank actors (in_process=False)")
+        self.bundle = dict(bundle or DEFAULT_BUNDLE)
+        self.torch_threads = torch_threads
+        self.restart_on_failure = restart_on_failure
+        self.monitor_interval_s, self.ready_timeout_s, self.place_timeout_s = (
+            monitor_interval_s, ready_timeout_s, place_timeout_s)
+        self.show_progress = progress
+        self._pg, self._own_pg = placement_group, False
+        self._bundle_indices = bundle_indices
+        self.engine = None  # in-process AsyncLLMEngine
+        self.actors: list[Any] = []
+        self.ranks: list[RankInfo] = []
+        self.state = GroupState()
+        self._ready: asyncio.Event | None = None  # created in start() on the running loop
+        self._monitor: asyncio.Task | None = None
+        self._restart_lock: asyncio.Lock | None = None
+        self._stats = EngineStats()
+        self._telemetry: list[dict[str, Any]] = []
+        self._closed = False
+        self.tokenizer = None
+        self.max_model_len: int | None = None
+        self.eos_token_ids: list[int] = []
+
+    # ------------------------------------------------------------------ start-up
+    async def start(self) -> "ReplicaGroup":
+        self._ready = asyncio.Event()
+        self._restart_lock = asyncio.Lock()
+        if self.in_process:
+            from workers.async_engine import AsyncLLMEngine
+
+            self.engine = await asyncio.to_thread(AsyncLLMEngine, self.engine_cfg)
+            self._adopt_info(self.engine.tokenizer, self.engine.max_model_len, self.engine.eos_token_ids)
+            self.state.generation = 1
+            self._ready.set()
+            return self
+        await self._place()
+        await self._spawn_and_setup()
+        self._monitor = asyncio.get_running_loop().create_task(self._monitor_loop())
+        return self
+
+    def _adopt_info(self, tokenizer, max_model_len, eos) -> None:
+        self.tokenizer, self.max_model_len, self.eos_token_ids = tokenizer, max_model_len, list(eos)
+
+    async def _place(self) -> None:
+        import ray
+        from ray.util.placement_group import get_current_placement_group, placement_group
+
+        if self._pg is None:
+            current = get_current_placement_group()
+            if current is not None and len(current.bundle_specs) >= self.tp:
+                self._pg = current
+            else:
+                self._pg = placement_group([dict(self.bundle) for _ in range(self.tp)], strategy="STRICT_PACK",
+                                           name=f"{self.name}-tp{self.tp}-{id(self):x}")
+                self._own_pg = True
+        ready, _ = await asyncio.to_thread(ray.wait, [self._pg.ready()], timeout=self.place_timeout_s)
+        if not ready:
+            await self._remove_pg()
+            raise NoCapacity(f"cannot place {self.tp} x {self.bundle} (STRICT_PACK) within "
+                             f"{self.place_timeout_s:.0f} s: not enough free GPUs/CPUs on one node")
+        if self._bundle_indices is None:
+            self._bundle_indices = list(range(self.tp))
+        if len(self._bundle_indices) != self.tp:
+            raise ValueError(f"need {self.tp} bundle indices, got {self._bundle_indices}")
+
+    async def _spawn_and_setup(self) -> None:
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from cluster.rank_worker import RankWorker
+
+        cls = ray.remote(RankWorker)
+        threads = self.torch_threads or int(self.bundle.get("CPU", 1)) or 1
+        self.actors = [
+            cls.options(
+                num_cpus=self.bundle.get("CPU", 0), num_gpus=self.bundle.get("GPU", 0),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self._pg, placement_group_bundle_index=b,
+                    placement_group_capture_child_tasks=False),
+                name=None,
+            ).remote(rank, self.tp, b, threads)
+            for rank, b in enumerate(self._bundle_indices)
+        ]
+        pings = await asyncio.gather(*[a.ping.remote() for a in self.actors])
+        self.ranks = [RankInfo(p["rank"], p["bundle_index"], p["gpu_ids"], p["node_ip"], p["pid"], p["actor_id"])
+                      for p in pings]
+        addr, port = await self.actors[0].address.remote()
+        setups = [a.setup.remote(self.engine_cfg, addr, port) for a in self.actors]
+        try:
+            results = await self._await_with_progress(setups)
+        except BaseException as exc:
+            await self._kill_actors()
+            raise _unwrap(exc) from None
+        self.state.load_s = [r["load_s"] for r in results]
+        info = await self.actors[0].engine_info.remote()
+        self._adopt_info(info["tokenizer"], info["max_model_len"], info["eos_token_ids"])
+        self.state.generation += 1
+        await self._refresh()
+        self._ready.set()
+
+    async def _await_with_progress(self, refs: list) -> list:
+        """Wait for every rank's setup; show per-rank loading progress (tqdm) while waiting."""
+        bars = None
+        if self.show_progress:
+            from tqdm.auto import tqdm
+
+            bars = [tqdm(total=1, desc=f"{self.name} rank {r}", position=r, leave=False) for r in range(self.tp)]
+        pending = asyncio.ensure_future(asyncio.gather(*refs))
+        try:
+            while not pending.done():
+                await asyncio.wait([pending], timeout=0.25)
+                if bars:
+                    for bar, a in zip(bars, self.actors):
+                        try:
+                            p = await asyncio.wait_for(a.get_progress.remote(), 5)
+                        except Exception:
+                            continue
+                        bar.total = max(p["total"], 1)
+                        bar.n = p["done"] if p["total"] else (1 if p["stage"] == "ready" else 0)
+                        bar.set_postfix_str(p["stage"], refresh=True)
+            return pending.result()
+        finally:
+            if bars:
+                for bar in bars:
+                    bar.close()
+
+    # ------------------------------------------------------------------ serving surface
+    async def generate(self, request_id: str, prompt_token_ids: list[int], sampling, spec=None,
+                       tags: dict[str, Any] | None = None) -> AsyncIterator[RequestOutput]:
+        if self.in_process:
+            async for out in self.engine.generate(request_id, prompt_token_ids, sampling, spec, tags):
+                yield out
+            return
+        await self._wait_ready()
+        gen = self.actors[0].generate.options(num_returns="streaming").remote(
+            request_id, prompt_token_ids, sampling, spec, tags)
+        finished = False
+        try:
+            async for ref in gen:
+                out = await ref
+                finished = out.finished
+                yield out
+                if finished:
+                    return
+        except Exception as exc:
+            err = _unwrap(exc)
+            if _is_typed(err):  # validation (InvalidRequest / NoCapacity): raised before any token
+                finished = True
+                raise err from None
+            finished = True  # a rank died mid-stream: end the stream with an error, never hang
+            yield RequestOutput(request_id, [], finished=True, finish_reason="error",
+                                error=f"replica failed: {type(err).__name__}: {err}")
+        finally:
+            if not finished and not self._closed and self.actors:
+                try:  # the consumer went away: free the request's KV on rank 0
+                    self.actors[0].abort.remote(request_id)
+                except Exception:
+                    pass
+
+    async def abort(self, request_id: str) -> None:
+        if self.in_process:
+            await self.engine.abort(request_id)
+            return
+        try:
+            await self.actors[0].abort.remote(request_id)
+        except Exception as exc:
+            log.warning("abort %s: %s", request_id, exc)
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats() if self.in_process else self._stats
+
+    async def refresh_stats(self) -> EngineStats:
+        if not self.in_process:
+            await self._refresh()
+        return self.stats()
+
+    def check_health(self) -> None:
+        if self._closed:
+            raise RuntimeError("replica group is shut down")
+        if self.in_process:
+            self.engine.check_health()
+            return
+        if self.state.last_error and not (self._ready and self._ready.is_set()):
+            raise RuntimeError(f"replica restarting after: {self.state.last_error}")
+
+    def telemetry(self) -> dict[str, Any]:
+        if self.in_process:
+            from cluster.nvml import gpu_telemetry, visible_gpu_indices
+
+            return {"gpus": gpu_telemetry(indices=visible_gpu_indices())}
+        return {"gpus": list(self._telemetry)}
+
+    def placement(self) -> list[dict[str, Any]]:
+        return [r.__dict__.copy() for r in self.ranks]
+
+    # ------------------------------------------------------------------ lifecycle
+    async def _wait_ready(self) -> None:
+        if self._closed:
+            raise RuntimeError("replica group is shut down")
+        if not self._ready.is_set():
+            try:
+                await asyncio.wait_for(self._ready.wait(), self.ready_timeout_s)
+            except asyncio.TimeoutError:
+                raise NoCapacity(f"replica is restarting after a rank failure "
+                                 f"({self.state.last_error}); retry later") from None
+
+    async def _refresh(self) -> None:
+        self._stats = await self.actors[0].stats.remote()
+        tel = await asyncio.gather(*[a.telemetry.remote() for a in self.actors])
+        self._telemetry = [g for t in tel for g in t]
+
+    async def _probe(self) -> str | None:
+        """None when every rank answers and is healthy, else what is wrong."""
+        try:
+            await asyncio.wait_for(asyncio.gather(*[a.check.remote() for a in self.actors]),
+                                   timeout=max(10.0, 5 * self.monitor_interval_s))
+            return None
+        except Exception as exc:
+            err = _unwrap(exc)
+            return f"{type(err).__name__}: {err}"
+
+    async def _monitor_loop(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(self.monitor_interval_s)
+            if self._closed:
+                return
+            problem = await self._probe()
+            if problem is None:
+                try:
+                    await self._refresh()
+                except Exception as exc:  # raced with a failure; the next probe sees it
+                    log.debug("refresh failed: %s", exc)
+                continue
+            log.warning("%s: rank failure (%s); re-creating the replica", self.name, problem)
+            self.state.last_error = problem
+            if not self.restart_on_failure:
+                self._ready.clear()
+                return
+            try:
+                await self.restart()
+            except Exception as exc:  # keep trying on the next tick
+                self.state.last_error = f"restart failed: {type(exc).__name__}: {exc}"
+                log.error("%s: %s", self.name, self.state.last_error)
+
+    async def restart(self) -> None:
+        """Tear every rank down and re-create them on the same bundles."""
+        async with self._restart_lock:
+            self._ready.clear()
+            await self._kill_actors()
+            self.state.restarts += 1
+            await self._spawn_and_setup()
+
+    async def _kill_actors(self) -> None:
+        import ray
+
+        for a in self.actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:
+                pass
+        # wait until the processes are gone so the bundles' resources are free again
+        for a in self.actors:
+            for _ in range(50):
+                try:
+                    await asyncio.wait_for(a.ping.remote(), 0.2)
+                except Exception:
+                    break
+                await asyncio.sleep(0.1)
+        self.actors = []
+
+    async def _remove_pg(self) -> None:
+        if self._own_pg and self._pg is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            try:
+                remove_placement_group(self._pg)
+            except Exception:
+                pass
+            self._pg = None
+
+    async def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._monitor is not None:
+            self._monitor.cancel()
+        if self.in_process:
+            if self.engine is not None:
+                await self.engine.shutdown()
+            return
+        if self.actors:
+            try:
+                await asyncio.wait_for(self.actors[0].shutdown.remote(), 30)
+                await asyncio.wait_for(asyncio.gather(*[a.shutdown.remote() for a in self.actors[1:]]), 30)
+            except Exception as exc:
+                log.warning("%s: unclean shutdown: %s", self.name, exc)
+        await self._kill_actors()
+        await self._remove_pg()
+
+
+def _is_typed(err: BaseException) -> bool:
+    from workers.params import EngineError
+
+    return isinstance(err, EngineError)
