@@ -38,14 +38,22 @@ class Ingress:
 
         return create_app(self.state)
 
+    async def drain(self, timeout_s: float | None = None) -> int:
+        """Graceful shutdown: refuse new work (503), wait for in-flight streams; returns how many remain."""
+        state = getattr(self, "state", None)
+        if state is None:
+            return 0
+        state.draining = True
+        deadline = time.monotonic() + (state.cfg.drain_timeout_s if timeout_s is None else timeout_s)
+        while state.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        return state.in_flight
+
     async def __del__(self):  # graceful shutdown: refuse new work, let running streams finish
         state = getattr(self, "state", None)
         if state is None:
             return
-        state.draining = True
-        deadline = time.monotonic() + state.cfg.drain_timeout_s
-        while state.in_flight > 0 and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+        await self.drain()
         state.registry.close()
 
 
@@ -140,11 +148,33 @@ def start_local(cfg: ServeConfig, *, init_ray: bool = True) -> str:
     return f"http://{host}:{cfg.http.port}"
 
 
+def drain_ingresses(timeout_s: float | None = None) -> int:
+    """Ask every running app's Ingress to drain (503 for new work, wait for in-flight streams up to
+    drain_timeout_s) while the HTTP proxies are still up; returns the number of streams left.
+    serve.shutdown() alone tears the proxies down at once and cuts open streams."""
+    left = 0
+    try:
+        apps = list(serve.status().applications)
+    except Exception:
+        return 0
+    for name in apps:
+        try:
+            left += int(serve.get_app_handle(name).drain.remote(timeout_s).result(timeout_s=None))
+        except Exception as exc:  # not a specfleet app, or already gone
+            log.debug("drain of app %s skipped: %s", name, exc)
+    if not left:
+        time.sleep(0.3)  # let the proxies flush the last chunks of the streams that just finished
+    return left
+
+
 def stop_local(shutdown_ray: bool = True) -> None:
-    """Graceful: Serve drains in-flight requests (graceful_shutdown_timeout_s) before replicas stop."""
+    """Graceful: the ingress drains in-flight streams (drain_timeout_s), then Serve and Ray stop."""
     import ray
 
     try:
+        left = drain_ingresses()
+        if left:
+            log.warning("shutting down with %d stream(s) still running after drain_timeout_s", left)
         serve.shutdown()
     finally:
         if shutdown_ray and ray.is_initialized():
