@@ -210,7 +210,7 @@ class LLMEngine:
         if len(tokens) >= remaining and tokens:
             tokens, reason = tokens[:remaining], reason or "length"
         self.scheduler.commit(seq, num_computed, tokens)
-        if tokens and it.kind != "prefill":
+        if tokens:
             self.tracker.record_pass(len(tokens))
         if not tokens:
             return None

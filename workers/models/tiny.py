@@ -94,3 +94,32 @@ def tiny_drafter(target_cfg, num_layers: int = 1, block_size: int = 8, mask_toke
             if p.dim() == 2:
                 torch.nn.init.normal_(p, std=0.05)
     return d.eval()
+
+
+def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """Oracle: plain full-recompute greedy decoding (no cache of any kind)."""
+    ids = torch.tensor([prompt])
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(n):
+            t = int(model(ids)[0, -1].argmax())
+            out.append(t)
+            ids = torch.cat([ids, torch.tensor([[t]])], dim=1)
+    return out
+
+
+def tiny_engine(path: str | Path, family: str = "llama", drafter_block: int | None = 8, seed: int = 0,
+                drafter_seed: int = 0, **cfg_overrides: Any):
+    """(LLMEngine, loaded model) for a tiny random model written under ``path`` (with a random drafter)."""
+    from workers.engine import EngineConfig, LLMEngine
+    from workers.models.loader import load_model
+
+    model_overrides = cfg_overrides.pop("model_overrides", {})
+    d = Path(path)
+    if not (d / "config.json").is_file():
+        make_tiny_hf_dir(d, family, seed=seed, **model_overrides)
+    lm = load_model(d, "float32", "cpu")
+    dr = None if drafter_block is None else tiny_drafter(lm.config, block_size=drafter_block, seed=drafter_seed)
+    cfg = EngineConfig(model=str(d), device="cpu", kv_block_size=cfg_overrides.pop("kv_block_size", 4),
+                       **cfg_overrides)
+    return LLMEngine(cfg, model=lm.model, drafter=dr, tokenizer=lm.tokenizer), lm
