@@ -1,0 +1,78 @@
+"""`specfleet serve config.yaml` as a real process: graceful Ctrl-C drains an in-flight stream, and the session
+registry survives a restart of the whole process."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.cpu._serving import wait_healthy
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+PORT = 18742
+URL = f"http://127.0.0.1:{PORT}"
+AUTH = {"authorization": "Bearer cli-key"}
+
+
+def _start(cfg_path, log_path):
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    log = open(log_path, "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", str(cfg_path)], stdout=log,
+                            stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_healthy(URL, timeout_s=120)
+    except TimeoutError:
+        proc.kill()
+        raise AssertionError(open(log_path).read()[-3000:])
+    return proc
+
+
+def test_serve_process_drains_on_sigint_and_keeps_sessions(tmp_path):
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(json.dumps({  # JSON is YAML
+        "engine": "mock", "http": {"port": PORT}, "ray": {"num_cpus": 2}, "drain_timeout_s": 30,
+        "persistence": {"sqlite_path": str(tmp_path / "sessions.sqlite")},
+        "auth": {"keys": ["cli-key"], "keys_env": None},
+        "replicas": [{"count": 1, "drafter": "none", "mock": {"step_ms": 15}}],
+    }))
+    log = tmp_path / "serve.log"
+    proc = _start(cfg, log)
+    try:
+        sid = httpx.post(URL + "/v1/sessions", json={"role": "coder", "team": "t"}, headers=AUTH).json()["id"]
+        body = {"model": "specfleet-demo", "prompt": "hi", "max_tokens": 200, "stream": True}
+        lines: list[str] = []
+
+        def stream():
+            with httpx.stream("POST", URL + "/v1/completions", json=body, headers={**AUTH, "x-session-id": sid},
+                              timeout=60) as r:
+                lines.extend(r.iter_lines())
+
+        t = threading.Thread(target=stream)
+        t.start()
+        while not any(ln.startswith("data: ") for ln in lines) and t.is_alive():
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)  # 200 AR steps x 15 ms = 3 s of stream still to go
+        t.join(60)
+        assert proc.wait(90) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    events = [ln[6:] for ln in lines if ln.startswith("data: ")]
+    assert events[-1] == "[DONE]", lines[-5:]
+    text = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1] if json.loads(e)["choices"])
+    assert len(text) == 200  # the in-flight stream finished in full
+
+    proc = _start(cfg, log)  # the whole process again: the session and its turn are still there
+    try:
+        s = httpx.get(f"{URL}/v1/sessions/{sid}", headers=AUTH).json()
+        assert s["turns"] == 1 and s["completion_tokens"] == 200 and s["role"] == "coder"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(90)
