@@ -255,7 +255,7 @@ def rank(req: RouteRequest, replicas: list[RoutingStats], cfg: RouterWeights | N
     choices = []
     for i, e in enumerate(ok):
         others = [o for o in ok if o is not e]
-        reason = _reason(e, others, excluded) if i == 0 else "fallback"
+        reason = _reason(e, others, excluded) if i == 0 else "spill"
         if e.steered_off:
             reason += "+spec-off"
         choices.append(
