@@ -128,6 +128,8 @@ def build_app(args: dict) -> Any:
         graceful_shutdown_wait_loop_s=0.5, health_check_period_s=5.0,
     )
     args_json = cfg.to_args()
+    for spec in args_json["replicas"]:  # replicas build their engines from these resolved values
+        spec["tp"], spec["num_gpus"] = tp, gpus
     return ingress.bind(replica.bind(args_json), args_json)
 
 

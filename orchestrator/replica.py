@@ -72,7 +72,9 @@ async def build_engine(cfg: ServeConfig, spec: ReplicaSpec) -> tuple[Any, bool]:
     except ImportError:
         ReplicaGroup = None
     if ReplicaGroup is not None:
-        group = ReplicaGroup(ecfg, tp=tp)
+        gpus = spec.num_gpus or 0.0
+        bundle = {"CPU": 1.0, "GPU": gpus} if gpus else {"CPU": 1.0}
+        group = ReplicaGroup(ecfg, tp=tp, bundle=bundle, progress=False, name="specfleet")
         await group.start()
         return group, drafter is not None
     if tp != 1:
