@@ -85,8 +85,8 @@ class ReplicaGroup:
 
     # ------------------------------------------------------------------ start-up
     async def start(self) -> "ReplicaGroup":
-        self._ready = asyncio.Event()
-        self._restart_lock = asyncio.Lock()
+        if self._ready is None:
+            self._ready, self._restart_lock = asyncio.Event(), asyncio.Lock()
         if self.in_process:
             from workers.async_engine import AsyncLLMEngine
 
@@ -95,8 +95,9 @@ class ReplicaGroup:
             self.state.generation = 1
             self._ready.set()
             return self
-        await self._place()
-        await self._spawn_and_setup()
+        if not self.actors:
+            await self.place()
+        await self._setup()
         self._monitor = asyncio.get_running_loop().create_task(self._monitor_loop())
         return self
 
@@ -125,7 +126,18 @@ class ReplicaGroup:
         if len(self._bundle_indices) != self.tp:
             raise ValueError(f"need {self.tp} bundle indices, got {self._bundle_indices}")
 
-    async def _spawn_and_setup(self) -> None:
+    async def place(self) -> list[RankInfo]:
+        """Reserve the bundles and start one (still empty) actor per rank; cheap (no torch import).
+        `start()` calls it; tests call it alone to check placement."""
+        if self._ready is None:
+            self._ready, self._restart_lock = asyncio.Event(), asyncio.Lock()
+        if self.in_process:
+            raise ValueError("an in-process replica has no rank actors to place")
+        await self._place()
+        await self._spawn()
+        return self.ranks
+
+    async def _spawn(self) -> None:
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -146,6 +158,8 @@ class ReplicaGroup:
         pings = await asyncio.gather(*[a.ping.remote() for a in self.actors])
         self.ranks = [RankInfo(p["rank"], p["bundle_index"], p["gpu_ids"], p["node_ip"], p["pid"], p["actor_id"])
                       for p in pings]
+
+    async def _setup(self) -> None:
         addr, port = await self.actors[0].address.remote()
         setups = [a.setup.remote(self.engine_cfg, addr, port) for a in self.actors]
         try:
@@ -310,7 +324,8 @@ class ReplicaGroup:
             self._ready.clear()
             await self._kill_actors()
             self.state.restarts += 1
-            await self._spawn_and_setup()
+            await self._spawn()
+            await self._setup()
 
     async def _kill_actors(self) -> None:
         import ray
@@ -350,7 +365,7 @@ class ReplicaGroup:
             if self.engine is not None:
                 await self.engine.shutdown()
             return
-        if self.actors:
+        if self.actors and self._ready is not None and self._ready.is_set():
             try:
                 await asyncio.wait_for(self.actors[0].shutdown.remote(), 30)
                 await asyncio.wait_for(asyncio.gather(*[a.shutdown.remote() for a in self.actors[1:]]), 30)
@@ -364,3 +379,11 @@ def _is_typed(err: BaseException) -> bool:
     from workers.params import EngineError
 
     return isinstance(err, EngineError)
+
+
+def place_plan(plan, engine_cfg, **kwargs) -> list[ReplicaGroup]:
+    """One ReplicaGroup per ReplicaPlan of a cluster.planner.Plan (tp from the plan); call `place()` or
+    `start()` on each. Ray picks the physical GPUs inside each STRICT_PACK group; `placement()` tells
+    which bundle / GPU every rank got."""
+    return [ReplicaGroup(engine_cfg, tp=r.tp, in_process=False, name=f"replica-{r.index}", **kwargs)
+            for r in plan.replicas]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import threading
 import time
 import traceback
@@ -151,7 +152,8 @@ class RankWorker:
                     pass
         if self.follower is not None:
             await asyncio.to_thread(self.follower.join, 10)
-        destroy_group()
+        if "torch" in sys.modules:  # never set up: nothing to tear down (and no torch import now)
+            destroy_group()
 
     def _engine(self):
         if self.engine is None:
