@@ -90,14 +90,24 @@ def _resolve_tp(cfg: ServeConfig) -> int:
 
 
 def _planned_tp(cfg: ServeConfig) -> int:
-    """tp: auto -> the planner's choice for this node, or 1 where no GPU is visible."""
+    """tp: auto -> the planner's layout for this node (cluster.planner over NVML), 1 where no GPU is visible."""
     if cfg.engine == "mock" or not _gpus_available():
         return 1
-    try:
-        from cluster.planner import plan_for_serve  # type: ignore[attr-defined]
-    except ImportError:
-        raise ValueError("tp: auto needs cluster.planner.plan_for_serve; set tp explicitly") from None
-    return int(plan_for_serve(cfg))
+    from cluster.nvml import discover
+    from cluster.planner import Workload, plan
+    from cluster.presets import default_drafter, drafter_from_config, resolve_model
+    from cluster.topology import node_from_inventory
+    from orchestrator.replica import resolve_paths
+
+    target, drafter_path = resolve_paths(cfg, cfg.replicas[0])
+    model = resolve_model(target)
+    drafter = drafter_from_config(drafter_path) if drafter_path else None
+    if drafter is None and drafter_path is None and cfg.model.drafter:
+        drafter = default_drafter(model, cfg.model.block_size)
+    w = Workload(max_model_len=cfg.model.max_model_len, block_size=cfg.model.block_size, speculative=drafter is not None)
+    chosen = plan(node_from_inventory(discover()), model, drafter, w).chosen
+    log.info("tp: auto -> planner chose %s", chosen)
+    return int(chosen.tp)
 
 
 def build_app(args: dict) -> Any:
