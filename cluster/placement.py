@@ -61,7 +61,9 @@ class ReplicaGroup:
         self.in_process = (tp == 1) if in_process is None else in_process
         if self.in_process and tp > 1:
             raise ValueError("tensor parallelism needs rank actors (in_process=False)")
-        self.bundle = dict(bundle or DEFAULT_BUNDLE)
+        self.bundle = {k: v for k, v in (bundle or DEFAULT_BUNDLE).items() if v}  # Ray rejects 0-valued entries
+        if not self.bundle:
+            raise ValueError(f"a rank bundle needs some resources, got {bundle}")
         self.torch_threads = torch_threads
         self.restart_on_failure = restart_on_failure
         self.monitor_interval_s, self.ready_timeout_s, self.place_timeout_s = (

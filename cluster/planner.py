@@ -61,7 +61,7 @@ class GpuBudget:
     rank: int
     total: float
     weights: float  # this rank's shard of the target
-    drafter: float  # drafter weights + full embed/lm_head copy (tp>1) + drafter context KV (rank 0)
+    drafter: float  # drafter weights + drafter context KV of the pool's tokens (rank 0 only)
     kv_pool: float  # target KV shard for the pool's tokens (+ sliding-window layers' fixed part)
     activations: float  # runtime reserve + activation / logits peak
     headroom: float  # (1 - gpu_memory_utilization) * total, never allocated
@@ -184,11 +184,8 @@ def budget_replica(model: ModelSpec, drafter: DrafterSpec | None, node: NodeProf
     if model.num_sliding_layers:
         slide_fixed = max_seqs * model.num_sliding_layers * kv_layer * min(max_len, (model.sliding_window or 0) + w.block_size)
     d_fixed, d_token = 0.0, 0.0
-    if drafter is not None:
+    if drafter is not None:  # it borrows the target's vocab-parallel embedding / lm_head: no copy
         d_fixed = drafter.weight_total_bytes
-        if tp > 1:  # the drafter on rank 0 needs the whole embedding and lm_head, not a vocab shard
-            mats = 1 if model.tie_embeddings else 2
-            d_fixed += mats * model.embed_params * model.weight_bytes * (1 - 1 / tp)
         d_token = drafter.kv_bytes_per_token
     avail = total - headroom - weights - act - slide_fixed
     if avail <= 0:

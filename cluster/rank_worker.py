@@ -140,6 +140,15 @@ class RankWorker:
             return []
         return await asyncio.to_thread(gpu_telemetry, None, [self.gpu_index])
 
+    async def cuda_mem_info(self) -> tuple[int, int] | None:
+        """torch.cuda.mem_get_info() of this rank's GPU (free, total), None on CPU: checks NVML telemetry."""
+        if self.device_type != "cuda":
+            return None
+        import torch
+
+        free, total = torch.cuda.mem_get_info()
+        return int(free), int(total)
+
     async def shutdown(self) -> None:
         from cluster.process_group import destroy_group
 

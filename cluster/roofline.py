@@ -7,9 +7,11 @@ experts the step's tokens touch / tp (uniform routing: a layer with E experts an
 touches E * (1 - (1 - k/E)^n) distinct experts for n tokens), and the KV cache of the batch / tp.
 flops per rank: 2 * tokens * active params / tp plus attention (4 * tokens * context * q_dim per layer).
 comm (tp > 1): two ring all-reduces of the residual stream per layer (after attention and after the
-MLP) and one all-gather of the vocab-parallel logits; a collective costs alpha + its ring volume /
-NVLink one-way bandwidth. A speculative step = the drafter's forward on rank 0 (one pass for the
-whole block) + a verify step over batch x block tokens; it commits tau tokens per sequence.
+MLP), one all-gather of the vocab-parallel logits and the broadcast of the rows whose logits rank 0
+needs (workers/tp.py); a collective costs alpha + its ring volume / NVLink one-way bandwidth.
+A speculative step = the drafter's forward (its layers on rank 0, the borrowed vocab-parallel
+embedding / lm_head on every rank) + a verify step over batch x block tokens; it commits tau tokens
+per sequence.
 """
 from __future__ import annotations
 
@@ -89,19 +91,30 @@ def target_step(model: ModelSpec, node: NodeProfile, tp: int, batch: int, tokens
     if tp > 1:
         comm = 2 * model.num_layers * allreduce_s(n * model.hidden_size * ACT_BYTES, tp, node)
         comm += allgather_s(n * model.vocab_size * LOGIT_BYTES, tp, node)
+        comm += allgather_s(n * model.hidden_size * ACT_BYTES, tp, node)  # rank 0 broadcasts the logits rows
     bw, peak = node.gpu.hbm_bw * MEM_EFF, node.gpu.bf16_flops * FLOP_EFF
     return StepTime(n, weights + kv, flops, (weights + kv) / bw, flops / peak, comm, node.step_overhead_s)
 
 
-def drafter_step(drafter: DrafterSpec, node: NodeProfile, batch: int, block: int, context: int) -> StepTime:
-    """The drafter's one pass for a block (rank 0 only, unsharded): weights + its context K/V."""
+def drafter_step(drafter: DrafterSpec, model: ModelSpec, node: NodeProfile, tp: int, batch: int, block: int,
+                 context: int) -> StepTime:
+    """The drafter's one pass for a block. Its layers run on rank 0 only (unsharded); the target's
+    embedding and lm_head it borrows are vocab-parallel, so every rank joins those two calls
+    (workers/tp.py mirrors them): embed all-reduce, hidden broadcast, logits all-gather."""
     n = batch * block
-    weights = drafter.weight_total_bytes
+    head = model.lm_head_params * model.weight_bytes / tp
+    weights = drafter.weight_total_bytes + head
     kv = batch * context * drafter.kv_bytes_per_token
     q_dim = drafter.num_heads * drafter.head_dim
-    flops = 2 * n * drafter.params + 4 * n * q_dim * (context + block) * drafter.num_layers
+    flops = (2 * n * drafter.params + 4 * n * q_dim * (context + block) * drafter.num_layers
+             + 2 * n * model.lm_head_params / tp)
+    comm = 0.0
+    if tp > 1:
+        act = n * model.hidden_size * ACT_BYTES
+        comm = allreduce_s(act, tp, node) + allgather_s(act, tp, node) + \
+            allgather_s(n * model.vocab_size * LOGIT_BYTES, tp, node)
     bw, peak = node.gpu.hbm_bw * MEM_EFF, node.gpu.bf16_flops * FLOP_EFF
-    return StepTime(n, weights + kv, flops, (weights + kv) / bw, flops / peak, 0.0, 0.0)
+    return StepTime(n, weights + kv, flops, (weights + kv) / bw, flops / peak, comm, 0.0)
 
 
 @dataclass
@@ -133,7 +146,7 @@ def replica_throughput(model: ModelSpec, node: NodeProfile, tp: int, batch: int,
     if drafter is None or batch == 0:
         return Throughput("ar", ar_tps, 1 / ar.total_s, ar, None, ar_tps, None)
     verify = target_step(model, node, tp, batch, block, context)
-    draft = drafter_step(drafter, node, batch, block, context)
+    draft = drafter_step(drafter, model, node, tp, batch, block, context)
     t = verify.total_s + draft.total_s
     spec_tps = batch * tau / t
     if spec_tps > ar_tps:
