@@ -23,12 +23,26 @@ def register(subparsers) -> None:
     p.add_argument("--tau", type=float, default=4.0, help="expected committed tokens per verify (prior)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.90)
+    p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32", "fp8"),
+                   help="weights/KV dtype; auto = the checkpoint's (MXFP4 experts stay MXFP4), float32 on --node cpu")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=run)
 
 
 def _gb(x: float) -> str:
     return f"{x / 1e9:.1f}"
+
+
+def with_dtype(model, dtype: str):
+    """The model spec with its weights / KV cache in `dtype` (auto: unchanged)."""
+    import dataclasses
+
+    from cluster.presets import DTYPE_BYTES
+
+    if dtype == "auto":
+        return model
+    b = float(DTYPE_BYTES[dtype])
+    return dataclasses.replace(model, weight_bytes=b, expert_bytes=b, kv_bytes=b)
 
 
 def build(args: argparse.Namespace):
@@ -38,7 +52,8 @@ def build(args: argparse.Namespace):
     from cluster.topology import get_node, node_from_inventory
 
     node = node_from_inventory(discover()) if args.node == "auto" else get_node(args.node)
-    model = resolve_model(args.model)
+    model = with_dtype(resolve_model(args.model), "float32" if args.dtype == "auto" and node.name == "cpu"
+                       else args.dtype)
     spec = args.drafter.lower() != "none"
     drafter = None
     if spec:
