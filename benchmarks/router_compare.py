@@ -92,8 +92,28 @@ async def _turn(client: httpx.AsyncClient, model: str, sid: str, messages: list[
     return "".join(text)
 
 
+async def sample_metrics(client: httpx.AsyncClient, t0: float, out: list, period_s: float = 2.0) -> None:
+    """Per-replica KV headroom and queue gauges from /metrics, every period_s (headroom-over-time plot)."""
+    names = ("specfleet_kv_free_tokens", "specfleet_kv_total_tokens", "specfleet_replica_running",
+             "specfleet_replica_waiting")
+    while True:
+        try:
+            text = (await client.get("/metrics")).text
+            row: dict = {"t": round(time.perf_counter() - t0, 3)}
+            for line in text.splitlines():
+                for n in names:
+                    if line.startswith(n + "{"):
+                        rep = line.split('replica="', 1)[1].split('"', 1)[0]
+                        row.setdefault(rep, {})[n.removeprefix("specfleet_")] = float(line.rsplit(" ", 1)[1])
+            out.append(row)
+        except (httpx.HTTPError, IndexError, ValueError):
+            pass
+        await asyncio.sleep(period_s)
+
+
 async def replay(base_url: str, model: str, sessions, concurrency: int, duration_s: float,
-                 api_key: str | None = None) -> list[Measured]:
+                 api_key: str | None = None, metrics_log: list | None = None) -> list[Measured]:
+    metrics_log = [] if metrics_log is None else metrics_log
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=concurrency * 2 + 4)
     records: list[Measured] = []
@@ -124,7 +144,9 @@ async def replay(base_url: str, model: str, sessions, concurrency: int, duration
             while queue and time.perf_counter() - t0 < duration_s:
                 await run_session(queue.pop(0))
 
+        sampler = asyncio.create_task(sample_metrics(client, t0, metrics_log))
         await asyncio.gather(*[worker() for _ in range(concurrency)])
+        sampler.cancel()
         # per-turn acceptance from the session registry
         for sid in {r.server_session for r in records}:
             hist = (await client.get(f"/v1/sessions/{sid}")).json().get("replica_history", [])
@@ -174,8 +196,11 @@ def run_policy(policy: str, cfg: dict, trace, args, out: Path) -> dict:
         _wait_ready(base, proc, args.startup_timeout_s)
         print(f"[{policy}] server ready; replaying {len(trace)} sessions at concurrency {args.concurrency}",
               flush=True)
+        samples: list = []
+        t_start = time.time()
         recs = asyncio.run(replay(base, cfg.get("model", {}).get("name", "specfleet-demo"), trace,
-                                  args.concurrency, args.duration_s))
+                                  args.concurrency, args.duration_s, metrics_log=samples))
+        wall = time.time() - t_start
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:
@@ -187,7 +212,13 @@ def run_policy(policy: str, cfg: dict, trace, args, out: Path) -> dict:
     with open(out / f"{policy}.requests.jsonl", "w") as f:
         for r in recs:
             f.write(json.dumps(asdict(r)) + "\n")
+    with open(out / f"{policy}.metrics.jsonl", "w") as f:
+        for row in samples:
+            f.write(json.dumps(row) + "\n")
     summary = summarize(recs)
+    summary["wall_s"] = round(wall, 1)
+    summary["kv_total_by_replica"] = {k: v.get("kv_total_tokens") for k, v in (samples[-1] if samples else {}).items()
+                                      if isinstance(v, dict)}
     summary["oom_events"] = sum(1 for r in recs if "out of memory" in r.error.lower())
     summary["replicas"] = _count(r.replica for r in recs if r.status == 200)
     summary["reasons"] = _count(r.reason for r in recs if r.status == 200)

@@ -116,7 +116,7 @@ class SimResult:
 class Simulator:
     def __init__(self, replicas: list[ReplicaSpecSim], router: str = "specfleet",
                  weights: RouterWeights | None = None, stats_period_s: float = 1.0, seed: int = 0,
-                 spec_default: bool = True):
+                 spec_default: bool = True, overhead_s: float = 0.0):
         if router not in ("specfleet", "pow2", "consistent_hash"):
             raise ValueError(f"unknown router {router!r}")
         self.reps = [_Replica(s) for s in replicas]
@@ -126,6 +126,7 @@ class Simulator:
         self.period = stats_period_s
         self.rng = random.Random(seed)
         self.spec_default = spec_default
+        self.overhead_s = overhead_s  # client -> ingress -> replica latency added to every turn
         self.events: list[tuple[float, int, str, object]] = []
         self._n = 0
         self.router_queue: deque[Req] = deque()
@@ -286,11 +287,14 @@ class Simulator:
     def _turn(self, sid: str, i: int, now: float) -> None:
         sess = self.sessions[sid]
         turn = sess["turns"][i]
-        prompt = sess["context"] + turn["user_tokens"]
+        prompt = turn.get("prompt_tokens") or sess["context"] + turn["user_tokens"]  # measured when known
         self._rid += 1
         r = Req(self._rid, sid, sess["team"], sess["role"], i, prompt, turn["max_tokens"],
                 turn["answer_tokens"], now)
-        self._dispatch(r, now)
+        if self.overhead_s > 0:
+            self._push(now + self.overhead_s, "dispatch", r)
+        else:
+            self._dispatch(r, now)
 
     def run(self, sessions: list[dict], concurrency: int | None = None, horizon_s: float = 1e9) -> SimResult:
         """sessions: [{"session_id", "team", "role", "start_s", "system_tokens",
@@ -308,6 +312,8 @@ class Simulator:
                 self._step_done(*obj, now)
             elif kind == "turn":
                 self._turn(*obj, now)
+            elif kind == "dispatch":
+                self._dispatch(obj, now)
             elif kind == "start":
                 self._start_sessions(now)
         taus: dict[str, dict[str, float]] = {}
@@ -362,11 +368,11 @@ def sessions_from_trace(trace, chars_per_token: float = 4.0, answer_frac: float 
         turns = []
         for i, t in enumerate(s.turns):
             user = per_message_tokens + math.ceil(len(t.user) / chars_per_token)
-            ans = max(1, int(t.max_tokens * answer_frac))
+            ans, prompt = max(1, int(t.max_tokens * answer_frac)), None
             if measured and (s.session_id, i) in measured:
-                _, ans = measured[(s.session_id, i)]
+                prompt, ans = measured[(s.session_id, i)]
             turns.append({"user_tokens": user, "max_tokens": t.max_tokens, "answer_tokens": max(1, ans),
-                          "think_s": t.think_s})
+                          "think_s": t.think_s, "prompt_tokens": prompt})
         out.append({"session_id": s.session_id, "team": s.team, "role": s.role, "start_s": s.start_s,
                     "system_tokens": per_message_tokens + math.ceil(len(s.system) / chars_per_token),
                     "turns": turns})

@@ -80,7 +80,7 @@ class RooflineStepModel:
 
         t = target_step(self.model, self.node, self.tp, max(1, batch), block, max(1, ctx)).total_s
         if self.drafter is not None:
-            t += drafter_step(self.drafter, self.node, max(1, batch), block, max(1, ctx)).total_s
+            t += drafter_step(self.drafter, self.model, self.node, self.tp, max(1, batch), block, max(1, ctx)).total_s
         return t
 
     def prefill_s(self, tokens: int) -> float:
