@@ -13,6 +13,15 @@ from workers.models.tiny import tiny_drafter, tiny_hf_config
 from workers.params import IncompatibleDrafter
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy 2-core box they lose a lot."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def target_cfg():
     return ModelConfig.from_hf(tiny_hf_config("llama"))

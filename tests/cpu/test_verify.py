@@ -1,0 +1,90 @@
+"""Rejection sampler and logit processing.
+
+Statistical tests use fixed seeds and a stated threshold: Pearson chi-square against the exact target
+distribution, rejecting at p < 1e-3 (so a correct sampler fails by chance with probability 1e-3, and with
+the fixed seed the outcome is deterministic).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy.stats import chi2
+
+from workers.params import SamplingParams
+from workers.sampling import RowParams, processed_probs
+from workers.verify import verify_greedy, verify_stochastic
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy 2-core box they lose a lot."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+ALPHA = 1e-3
+
+
+def chi_square_ok(counts: torch.Tensor, probs: torch.Tensor) -> bool:
+    n = counts.sum()
+    keep = probs > 0
+    exp = probs[keep] * n
+    stat = float(((counts[keep] - exp) ** 2 / exp).sum())
+    assert counts[~keep].sum() == 0, "sampled a token of probability 0"
+    return stat < chi2.ppf(1 - ALPHA, int(keep.sum()) - 1)
+
+
+def dist(v, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(torch.randn(v, generator=g) * 1.5, -1)
+
+
+@pytest.mark.parametrize("greedy_draft", [False, True])
+def test_stochastic_verification_is_lossless(greedy_draft):
+    """First committed token ~ p0; given the first draft was accepted, the second ~ p1."""
+    V, trials = 6, 6000
+    p = torch.stack([dist(V, 1), dist(V, 2), dist(V, 3)])  # [b=3, V]
+    q = torch.stack([dist(V, 4), dist(V, 5)])  # [b-1, V], deliberately different from p
+    gen = torch.Generator().manual_seed(0)
+    first, second = torch.zeros(V), torch.zeros(V)
+    accepted_first = 0
+    for _ in range(trials):
+        if greedy_draft:
+            drafts = q.argmax(-1)
+            a, toks = verify_stochastic(p, None, drafts, gen)
+        else:
+            drafts = torch.multinomial(q, 1, generator=gen).squeeze(1)
+            a, toks = verify_stochastic(p, q, drafts, gen)
+        assert len(toks) == a + 1 and toks[:a] == drafts[:a].tolist()
+        first[toks[0]] += 1
+        if a >= 1:
+            accepted_first += 1
+            second[toks[1]] += 1
+    assert chi_square_ok(first, p[0])
+    assert accepted_first > 500
+    assert chi_square_ok(second, p[1])
+
+
+def test_verify_greedy_counts_prefix():
+    target = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4], [5, 6, 7, 8]])
+    drafts = torch.tensor([[1, 2, 3], [1, 9, 3], [5, 6, 7]])
+    assert verify_greedy(target, drafts, torch.tensor([4, 4, 2])).tolist() == [3, 1, 1]
+
+
+def test_processed_probs_match_transformers_warpers():
+    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50) * 3
+    cases = [SamplingParams(temperature=0.7, top_k=5), SamplingParams(temperature=1.3, top_p=0.8),
+             SamplingParams(temperature=1.0, top_k=10, top_p=0.5), SamplingParams(temperature=0.5)]
+    got = processed_probs(logits, RowParams.build(cases, "cpu"))
+    for i, sp in enumerate(cases):
+        x = TemperatureLogitsWarper(sp.temperature)(None, logits[i:i + 1].clone())
+        if sp.top_k:
+            x = TopKLogitsWarper(sp.top_k)(None, x)
+        if sp.top_p < 1:
+            x = TopPLogitsWarper(sp.top_p)(None, x)
+        assert torch.allclose(got[i], torch.softmax(x, -1)[0], atol=1e-6)
