@@ -121,7 +121,7 @@ def build_app(args: dict) -> Any:
     opts: dict[str, Any] = dict(
         name="ModelReplica", num_replicas=cfg.num_replicas,
         max_ongoing_requests=max(s.max_ongoing_requests for s in cfg.replicas),
-        health_check_period_s=5.0, health_check_timeout_s=30.0,
+        health_check_period_s=cfg.health_check_period_s, health_check_timeout_s=cfg.health_check_timeout_s,
         graceful_shutdown_timeout_s=cfg.drain_timeout_s, graceful_shutdown_wait_loop_s=0.5,
         request_router_config=router_config(cfg),
     )

@@ -66,6 +66,9 @@ class MockProfile(_Strict):
     fail_after_tokens: int | None = Field(
         None, ge=1, description="raise inside the engine after this many tokens (fault tests)"
     )
+    wedge_after_requests: int | None = Field(
+        None, ge=0, description="the step loop hangs once this many requests were admitted (fault tests)"
+    )
 
     @field_validator("acceptance_by_role")
     @classmethod
@@ -191,6 +194,8 @@ class ServeConfig(_Strict):
     engine: Literal["real", "mock"] = "real"
     ingress_replicas: int = Field(1, ge=1, le=1, description="one ingress: it owns the SQLite registry")
     drain_timeout_s: float = Field(30.0, ge=0, description="graceful shutdown: wait for in-flight streams")
+    health_check_period_s: float = Field(5.0, gt=0, le=600, description="Serve health checks of replicas")
+    health_check_timeout_s: float = Field(30.0, gt=0, le=3600)
 
     def fleet(self) -> list[ReplicaSpec]:
         """One spec per replica, in rank order (a spec with count=n appears n times)."""

@@ -99,6 +99,7 @@ class MockEngine:
         self._tokens = 0
         self._passes = 0
         self._wedged = False
+        self._admitted = 0
         self._closed = False
         self._last_progress = time.monotonic()
 
@@ -134,6 +135,9 @@ class MockEngine:
         seed = int.from_bytes(digest[:8], "little") ^ ((sampling.seed or 0) if not sampling.greedy else 0)
         req = _Request(request_id, n, sampling, spec, dict(tags or {}), need, rng=random.Random(seed))
         self._requests[request_id] = req
+        self._admitted += 1
+        if self.profile.wedge_after_requests is not None and self._admitted > self.profile.wedge_after_requests:
+            self.wedge()
         return req
 
     def _acceptance(self, tags: dict[str, str]) -> float:

@@ -110,3 +110,28 @@ def test_sessions_route_and_survive_an_ingress_restart(client, server):
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "go"}], max_tokens=8,
                                        extra_headers={"x-session-id": sid})
     assert r.usage.completion_tokens == 8
+
+
+def test_wedged_engine_fails_health_checks_and_is_replaced(server):
+    """Last in the module: redeploys the app with one replica whose engine hangs on its 2nd request."""
+    from ray import serve
+
+    from orchestrator.app import build_app
+
+    url, cfg = server
+    data = cfg.model_dump(mode="json")
+    data.update(health_check_period_s=1.0, health_check_timeout_s=5.0, drain_timeout_s=2.0,
+                replicas=[{"count": 1, "mock": {"step_ms": 1, "wedge_after_requests": 1}}])
+    wedged = type(cfg).model_validate(data)
+    serve.run(build_app(wedged.to_args()), name=cfg.ray.app_name, route_prefix="/")
+    wait_healthy(url)
+    c = openai.OpenAI(api_key="key-a", base_url=url + "/v1", max_retries=0, timeout=120)
+    first = c.chat.completions.with_raw_response.create(model=MODEL, messages=[{"role": "user", "content": "a"}],
+                                                        max_tokens=8)
+    t0 = time.monotonic()
+    # the replica wedges on this one: Serve's health check (3 failures, 1 s apart) replaces it and the
+    # ingress re-runs the non-streamed request on the new replica
+    second = c.chat.completions.with_raw_response.create(model=MODEL, messages=[{"role": "user", "content": "b"}],
+                                                         max_tokens=8)
+    assert second.parse().usage.completion_tokens == 8 and time.monotonic() - t0 < 60
+    assert second.headers["x-specfleet-replica"] != first.headers["x-specfleet-replica"]
