@@ -98,7 +98,7 @@ class GraphRunner(ModelRunner):
         max_q = max_q or max(dblock, 1)
         self.batch_buckets = pow2_buckets(max_num_seqs)
         self.q_buckets = pow2_buckets(max_q, (dblock,))
-        self.ctx_buckets = pow2_buckets(-(-max_model_len // block_size) + 1)
+        self.ctx_buckets = pow2_buckets(-(-(max_model_len + max_q) // block_size))
         self.row_buckets = pow2_buckets(max_num_seqs * max_q)
         self.graphs: dict[tuple, StaticGraph] = {}
         self.hits: dict[tuple, int] = {}
@@ -273,3 +273,16 @@ class GraphRunner(ModelRunner):
                 self._graph(key, lambda k=key: self._build_draft(*k[1:]))
             self.hits[key] -= 1
         return len(self.graphs) - before
+
+
+def enable_graphs(engine, mode: str = "auto", compile: bool = False, warmup: bool = False) -> GraphRunner:
+    """Swap an LLMEngine's eager runner for a GraphRunner over the same model, drafter and KV pool."""
+    old = engine.runner
+    g = GraphRunner(old.model, old.drafter, old.pool, old.block_size, old.device,
+                    scratch_block=reserve_scratch_block(engine.blocks), max_num_seqs=engine.config.max_num_seqs,
+                    max_model_len=engine.max_model_len, mode=mode, compile=compile)
+    g.before_forward = old.before_forward
+    if warmup:
+        g.warmup()
+    engine.runner = g
+    return g
