@@ -102,6 +102,30 @@ def tree_rss(pid: int) -> int:
     return total
 
 
+def tree_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) so far per process of the server tree, keyed by process title
+    (Ray sets e.g. "ray::ProxyActor", "ray::ServeReplica:specfleet:Ingress")."""
+    import psutil
+
+    out: dict[str, float] = {}
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return out
+    for p in procs:
+        try:
+            cmd = p.cmdline()
+            title = (cmd[0] if cmd else p.name()).split("/")[-1]
+            if title.startswith("python") and len(cmd) > 1:
+                title = " ".join(cmd[1:3])
+            t = p.cpu_times()
+            out[title[:60]] = out.get(title[:60], 0.0) + t.user + t.system
+        except psutil.Error:
+            pass
+    return out
+
+
 def start_server(args, keys: list[str], tmp: Path) -> tuple[subprocess.Popen, str, Path]:
     import yaml
 
@@ -286,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                     "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}",
                     "argv": sys.argv[1:] if argv is None else argv, "config": vars(args) | {"key": None}}
+    result["loadavg_start"] = os.getloadavg()
     try:
         if args.url:
             url = args.url
@@ -302,16 +327,21 @@ def main(argv: list[str] | None = None) -> int:
                                 "errors_by_kind": warm.errors, "throttled_429": warm.throttled_429}
         if proc is not None:
             result["rss_before_bytes"] = tree_rss(proc.pid)
+            cpu0 = tree_cpu(proc.pid)
         tally, wall = asyncio.run(run_load(url, keys, args, args.duration, progress))
         result["load"] = summary(tally, wall) | {"wall_s": round(wall, 1)}
         if proc is not None:
             result["rss_after_bytes"] = tree_rss(proc.pid)
+            cpu1 = tree_cpu(proc.pid)
+            used = {k: round(v - cpu0.get(k, 0.0), 1) for k, v in cpu1.items()}
+            result["server_cpu_s_during_load"] = dict(sorted(used.items(), key=lambda kv: -kv[1])[:10])
             time.sleep(5)
             result["rss_after_idle_5s_bytes"] = tree_rss(proc.pid)
             before, after = result["rss_before_bytes"], result["rss_after_bytes"]
             result["rss_change_pct"] = round(100.0 * (after - before) / before, 2) if before else None
             r = httpx.get(url + "/health", timeout=5)
             result["health_after"] = r.status_code
+        result["loadavg_end"] = os.getloadavg()  # the machine's load: other jobs share these cores
     finally:
         if proc is not None:
             result["server_stop_s"] = round(stop_server(proc), 1)
