@@ -44,6 +44,8 @@ def _repair_tail(path: Path) -> None:
 
 
 def chat_prompt_ids(tokenizer, text: str) -> list[int]:
+    if not getattr(tokenizer, "chat_template", None):  # a base model / test tokenizer: the plain text
+        return list(tokenizer(text)["input_ids"])
     ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                         tokenize=True)
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 returns a BatchEncoding

@@ -105,6 +105,9 @@ def run_pipeline(pc: PipelineConfig) -> dict:
         raise ValueError(f"cannot hook target {target_dir}: {exc}") from exc
     n_layers = tcfg.num_hidden_layers
     ids = list(pc.target_layer_ids or default_target_layer_ids(n_layers, pc.num_features))
+    if not pc.target_layer_ids and len(set(ids)) != len(ids):  # a shallow target: spread over all raw layers
+        k = min(pc.num_features, n_layers - 1)
+        ids = sorted({round(i * (n_layers - 2) / max(1, k - 1)) for i in range(k)})
     if not ids or any(not 0 <= i < n_layers - 1 for i in ids) or len(set(ids)) != len(ids):
         raise ValueError(f"target_layer_ids {ids} must be distinct layers in [0, {n_layers - 2}] "
                          f"(the target has {n_layers} layers; its last output is normed, not raw)")
