@@ -68,17 +68,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-scale", type=float, default=1.0, help="fraction of the computed KV pool available")
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--sessions-per-level", type=float, default=3.0, help="sessions run = this x concurrency")
+    ap.add_argument("--think", default="0.5,2.0", help="agent think/tool time between turns, min,max seconds")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     alphas = json.loads(Path(a.alphas).read_text()) if a.alphas else DEFAULT_ALPHAS
-    results: dict = {"alphas": alphas, "prompt_scale": a.prompt_scale, "answer_scale": a.answer_scale, "cases": {}}
+    if "alphas" in alphas:  # a benchmarks.validate output: fleet positions 0 and 1 of a measured run
+        measured = alphas["alphas"]
+        alphas = {"a": measured["0"], "b": measured["1"]}
+        roles = set(alphas["a"]) | set(alphas["b"])
+        for k in ("a", "b"):  # a role one drafter never served in the run: that drafter's mean
+            mean = statistics.mean(alphas[k].values())
+            alphas[k] = {r: alphas[k].get(r, mean) for r in roles}
+    think = tuple(float(x) for x in a.think.split(","))
+    results: dict = {"alphas": alphas, "prompt_scale": a.prompt_scale, "answer_scale": a.answer_scale,
+                     "think_s": think, "cases": {}}
     for case in a.cases.split(","):
         results["cases"][case] = {"kv_tokens_per_replica": int(kv_tokens(RooflineStepModel(
             CASES[case][0], tp=CASES[case][1])) * a.kv_scale), "levels": {}}
         for conc in [int(c) for c in a.concurrency.split(",")]:
             teams = max(2, int(conc * a.sessions_per_level / 3))
-            trace = generate(WorkloadConfig(teams=teams, rate=0.0, seed=a.seed, think_s=(0.5, 2.0),
+            trace = generate(WorkloadConfig(teams=teams, rate=0.0, seed=a.seed, think_s=think,
                                             turns=(3, 6)))
             for s in trace:
                 for t in s.turns:
