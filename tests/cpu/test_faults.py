@@ -175,6 +175,10 @@ async def test_killed_replica_ends_streams_and_session_moves(serve_url):
             await asyncio.sleep(0.2)
         results = await asyncio.wait_for(asyncio.gather(*tasks), 60)  # no hang
 
+    on_victim_end = [r["t_end"] - t_kill for r in results if r["replica"] == victim]
+    print(f"\nfault figures: {len(on_victim_end)} stream(s) on the killed replica ended "
+          f"{max(on_victim_end, default=float('nan')):.2f} s after the kill (max); the session's next turn "
+          f"was served by {moved[0] if moved else None} {moved[1] if moved else float('nan'):.2f} s after it")
     assert moved is not None, "the session's next turn was not served within 10 s of the kill"
     assert moved[0] != victim and moved[1] < 10.0
     on_victim = [r for r in results if r["replica"] == victim]
@@ -212,6 +216,8 @@ async def test_graceful_shutdown_drains_streams(serve_url):
         late = await c.post(serve_url + CHAT, headers=auth, json=chat("too late", max_tokens=4))
         results = await asyncio.wait_for(asyncio.gather(*tasks), 60)
         await asyncio.to_thread(stopper.join, 60)
+    print(f"\ndrain figures: stop_local() returned {time.monotonic() - t0:.2f} s after it was called; "
+          f"{sum(r['events'][-1] == '[DONE]' for r in results)}/{len(results)} running streams completed")
     assert not stopper.is_alive() and time.monotonic() - t0 < 60
     assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
     assert int(late.headers["retry-after"]) >= 1
