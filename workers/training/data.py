@@ -59,10 +59,11 @@ def load_samples(responses: Path, feature_width: int, vocab_size: int, split: st
         by_shard.setdefault(r["features"], []).append(r)
     out = []
     for shard, rs in sorted(by_shard.items()):
+        path = responses.parent / shard if "/" in shard else fdir / shard  # "dir/shard" = merged from a worker
         try:
-            tensors = load_file(str(fdir / shard))
+            tensors = load_file(str(path))
         except (OSError, SafetensorError) as exc:
-            raise ValueError(f"feature shard {fdir / shard} is missing or corrupted ({exc}); delete "
+            raise ValueError(f"feature shard {path} is missing or corrupted ({exc}); delete "
                              f"{responses} and {fdir} to regenerate") from exc
         for r in rs:
             toks = torch.tensor(r["prompt_ids"] + r["response_ids"], dtype=torch.long)
