@@ -66,7 +66,8 @@ def _sampling(state: ServerState, body: _Sampling, max_tokens: int | None, n_pro
     if n_prompt == 0:
         raise APIError(400, "the prompt is empty", param="prompt", code="empty_prompt")
     if n_prompt > max_prompt:
-        raise APIError(400, f"the prompt has {n_prompt} tokens; the limit is {max_prompt}", param="messages",
+        raise APIError(400, f"the prompt has {n_prompt} tokens; the limit is {max_prompt}",
+                       param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
                        code="context_length_exceeded")
     if max_tokens is not None and max_tokens > lim.max_tokens:
         raise APIError(400, f"max_tokens {max_tokens} exceeds the server limit of {lim.max_tokens}",
