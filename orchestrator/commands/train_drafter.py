@@ -34,6 +34,7 @@ def register(subparsers) -> None:
     p.add_argument("--heldout-per-category", type=int, default=30)
     p.add_argument("--max-new-tokens", type=int, default=160)
     p.add_argument("--gen-batch-size", type=int, default=16)
+    p.add_argument("--gen-workers", type=int, default=1, help="single-threaded generation processes")
     p.add_argument("--seqs-per-step", type=int, default=4)
     p.add_argument("--anchors-per-seq", type=int, default=32)
     p.add_argument("--lr", type=float, default=6e-4)
@@ -42,6 +43,7 @@ def register(subparsers) -> None:
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (1 on a busy shared CPU)")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing training checkpoint")
     p.set_defaults(func=run)
 
@@ -63,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
                         layers=args.layers, num_features=args.num_features, target_layer_ids=args.target_layer_ids,
                         mask_token_id=args.mask_token_id, prompts_per_category=args.prompts_per_category,
                         heldout_per_category=args.heldout_per_category, max_new_tokens=args.max_new_tokens,
-                        gen_batch_size=args.gen_batch_size, device=args.device, train=tc)
+                        gen_batch_size=args.gen_batch_size, gen_workers=args.gen_workers, device=args.device,
+                        threads=args.threads, train=tc)
     if args.no_resume:
         work = Path(args.work_dir) if args.work_dir else None
         from workers.hub import cache_root

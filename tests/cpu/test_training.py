@@ -98,3 +98,23 @@ def test_corrupted_features_are_reported(tiny_target, tmp_path):
     shard.write_bytes(shard.read_bytes()[:100])
     with pytest.raises(ValueError, match="corrupted"):
         run_pipeline(cfg)
+
+
+def test_jsonl_torn_tail_and_worker_merge(tmp_path):
+    from workers.training.generate import _repair_tail, merge_worker_outputs
+
+    main = tmp_path / "responses.jsonl"
+    main.write_text(json.dumps({"id": "a", "features": "shard-00000.safetensors"}) + "\n" + '{"id": "b", "fea')
+    assert [r["id"] for r in read_jsonl(main)] == ["a"]  # a torn last line is an interrupted write
+    _repair_tail(main)
+    assert main.read_text().endswith("\n")
+    (tmp_path / "responses-w0.jsonl").write_text(
+        "\n".join(json.dumps({"id": i, "features": "shard-00001.safetensors"}) for i in ("a", "b", "c")) + "\n")
+    assert merge_worker_outputs(main) == 2 and merge_worker_outputs(main) == 0
+    recs = read_jsonl(main)
+    assert [r["id"] for r in recs] == ["a", "b", "c"]
+    assert recs[1]["features"] == "responses-w0.features/shard-00001.safetensors"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": 1}\n{broken\n{"id": 2}\n')
+    with pytest.raises(ValueError, match="corrupted"):
+        read_jsonl(bad)

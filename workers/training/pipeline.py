@@ -35,7 +35,9 @@ class PipelineConfig:
     val_per_category: int = 8  # train-split records kept out of training for the tau estimate
     max_new_tokens: int = 160
     gen_batch_size: int = 16
+    gen_workers: int = 1  # generation processes (single-threaded each)
     device: str = "auto"
+    threads: int | None = None  # torch intra-op threads (1 is best on a busy shared CPU)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -91,10 +93,12 @@ def run_pipeline(pc: PipelineConfig) -> dict:
     from workers.hub import cache_root
     from workers.models.loader import load_model
     from workers.training.data import load_samples, response_vocab
-    from workers.training.generate import generate_responses
+    from workers.training.generate import generate_parallel
     from workers.training.train import estimate_tau, train_drafter
 
     t0 = time.time()
+    if pc.threads:
+        torch.set_num_threads(pc.threads)
     target_dir = resolve_target(pc.target)
     hf_cfg = json.loads((target_dir / "config.json").read_text())
     from workers.models.config import ModelConfig
@@ -134,8 +138,10 @@ def run_pipeline(pc: PipelineConfig) -> dict:
     order = [p for group in zip(*by_cat.values()) for p in group]  # categories interleaved
     responses = work / "responses.jsonl"
     t_gen = time.time()
-    generate_responses(target_dir, order, responses, max_new_tokens=pc.max_new_tokens,
-                       batch_size=pc.gen_batch_size, device=pc.device, capture_layers=ids)
+    kw = dict(max_new_tokens=pc.max_new_tokens, batch_size=pc.gen_batch_size, device=pc.device,
+              capture_layers=ids)
+    generate_parallel(target_dir, order, responses, pc.gen_workers, **kw, **({} if pc.gen_workers > 1 else
+                                                                          {"threads": pc.threads}))
     gen_s = time.time() - t_gen
     gc.collect()
 

@@ -50,10 +50,14 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: TrainConfig, elapsed_s: float = 0.0) -> float:
+    """Linear warmup, then cosine to 10%; with ``max_minutes`` the decay follows whichever budget (steps or
+    wall time) is used up faster, so a time-boxed run still ends at the low learning rate."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    if cfg.max_minutes:
+        frac = max(frac, elapsed_s / (60 * cfg.max_minutes))
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
 
@@ -167,7 +171,7 @@ def train_drafter(drafter, embed_w: torch.Tensor, head_w: torch.Tensor, train: l
         cand_index = torch.full((vocab,), -1, dtype=torch.long, device=dev)
         cand_index[cand] = torch.arange(len(cand), device=dev)
         for group in opt.param_groups:
-            group["lr"] = lr_at(state.step, cfg)
+            group["lr"] = lr_at(state.step, cfg, state.elapsed_s)
         loss = block_loss(drafter, embed_w, head_w, batch, cand, cand_index, cfg.gamma, autocast)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -176,7 +180,7 @@ def train_drafter(drafter, embed_w: torch.Tensor, head_w: torch.Tensor, train: l
         state.step += 1
         state.elapsed_s = elapsed0 + time.time() - t_start
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        rec = {"step": state.step, "loss": round(loss.item(), 4), "lr": lr_at(state.step - 1, cfg),
+        rec = {"step": state.step, "loss": round(loss.item(), 4), "lr": round(opt.param_groups[0]["lr"], 7),
                "elapsed_s": round(state.elapsed_s, 1)}
         done = state.step >= cfg.steps or (cfg.max_minutes and state.elapsed_s > 60 * cfg.max_minutes)
         if val and (state.step % cfg.eval_every == 0 or done):
