@@ -173,7 +173,8 @@ def run_pipeline(pc: PipelineConfig) -> dict:
     gc.collect()
     pc.train.log_path = pc.train.log_path or str(work / "train_log.jsonl")
     state = train_drafter(drafter, embed_w, head_w, train, val, pc.train, work / "checkpoint.pt")
-    final = estimate_tau(drafter, embed_w, head_w, val, dc.block_size, dc.mask_token_id, n_anchors=10_000)
+    final = estimate_tau(drafter, embed_w, head_w, val, dc.block_size, dc.mask_token_id, n_anchors=10_000,
+                         seqs_per_batch=1)
 
     # ---- 5: output ----
     save_drafter(drafter.cpu(), out, dtype=torch.bfloat16)

@@ -85,6 +85,7 @@ def estimate_tau(drafter, embed_w, head_w, samples: list[Sample], block_size: in
     was_training = drafter.training
     drafter.eval()
     acc_len: dict[str, list[int]] = {}
+    walk: dict[str, list[int]] = {}  # committed tokens per target pass along the greedy decoding trajectory
     pos_hits = torch.zeros(block_size - 1)
     pos_total = torch.zeros(block_size - 1)
     rng = random.Random(0)
@@ -94,14 +95,21 @@ def estimate_tau(drafter, embed_w, head_w, samples: list[Sample], block_size: in
         hidden = drafter(F.embedding(b.block_ids.to(embed_w.device), embed_w), b.ctx_features.to(embed_w.device),
                          b.q_positions.to(embed_w.device), b.ctx_positions.to(embed_w.device),
                          b.attn_mask.to(embed_w.device))
-        pred = (hidden.float() @ head_w.T).argmax(-1).cpu()  # [b, Q]
+        pred = torch.cat([(hidden[:, i : i + 256].float() @ head_w.T).argmax(-1).cpu()  # [b, Q], in chunks
+                          for i in range(0, hidden.shape[1], 256)], dim=1)
         for i, (cat, n) in enumerate(zip(b.categories, b.anchors_per_seq)):
             p = pred[i, : n * block_size].view(n, block_size)[:, 1:]
             lab = b.labels[i, : n * block_size].view(n, block_size)[:, 1:]
             valid = lab != IGNORE
             match = (p == lab) & valid
             prefix = torch.cumprod(match.int(), dim=1)  # 1 while every earlier row matched
-            acc_len.setdefault(cat, []).extend(prefix.sum(1).tolist())
+            acc = prefix.sum(1).tolist()
+            acc_len.setdefault(cat, []).extend(acc)
+            if n == chunk[i].num_anchors:  # every position drafted: replay greedy speculative decoding
+                j = 0
+                while j < n:
+                    walk.setdefault(cat, []).append(acc[j] + 1)
+                    j += acc[j] + 1
             # position k counts if all rows <= k were checkable and matched
             pos_hits += prefix.sum(0).float()
             pos_total += torch.cumprod(valid.int(), dim=1).sum(0).float()
@@ -113,6 +121,8 @@ def estimate_tau(drafter, embed_w, head_w, samples: list[Sample], block_size: in
         "tau_by_category": {c: 1 + sum(v) / max(1, len(v)) for c, v in sorted(acc_len.items())},
         "accept_by_position": (pos_hits / pos_total.clamp(min=1)).tolist(),
         "n_blocks": len(allv),
+        **({"tau_walk": sum(sum(v) for v in walk.values()) / sum(len(v) for v in walk.values()),
+            "tau_walk_by_category": {c: sum(v) / len(v) for c, v in sorted(walk.items())}} if walk else {}),
     }
 
 
