@@ -135,6 +135,8 @@ def test_renders_valid_rayservice(prof):
     assert "model-cache" in vols
     head = rs["spec"]["rayClusterConfig"]["headGroupSpec"]
     assert head["rayStartParams"]["num-gpus"] == "0"
+    # KubeRay's documented form for custom resources; the Ingress deployment asks for this one
+    assert head["rayStartParams"]["resources"] == '"{\\"specfleet_state\\": 1}"'
 
 
 @pytest.mark.parametrize("prof", [None, *PROFILES])
@@ -321,6 +323,8 @@ def test_inconsistent_paths_rejected():
     assert "serve.http.host must be 0.0.0.0" in msg
     msg = render_error({"modelCache": {"type": "hostPath"}})
     assert "modelCache.hostPath" in msg
+    msg = render_error({"head": {"rayStartParams": {"resources": '{"GPU_X": 1}'}}})
+    assert "head.rayStartParams.resources is set by the chart" in msg
 
 
 def test_strict_crd_check_catches_mistakes():
