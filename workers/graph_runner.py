@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from workers.models import fused
 from workers.models.attention import AttnMetadata
 from workers.runner import DraftInputs, ModelRunner, StepInputs
 
@@ -78,8 +79,8 @@ class StaticGraph:
 
 class GraphRunner(ModelRunner):
     def __init__(self, model, drafter, pool, block_size: int, device, scratch_block: int, max_num_seqs: int,
-                 max_model_len: int, mode: str = "auto", compile: bool = False, max_pad_ratio: float = 4.0,
-                 max_q: int | None = None):
+                 max_model_len: int, mode: str = "auto", fuse: bool = True, compile: bool = False,
+                 max_pad_ratio: float = 4.0, max_q: int | None = None):
         super().__init__(model, drafter, pool, block_size, device)
         self.device = torch.device(device)
         self.mode = ("graph" if self.device.type == "cuda" else "eager") if mode == "auto" else mode
@@ -92,6 +93,14 @@ class GraphRunner(ModelRunner):
             raise ValueError("CUDA graphs are for tp == 1 (a tensor-parallel model broadcasts every step)")
         self.scratch_block = scratch_block
         self.scratch_slot = scratch_block * block_size
+        # fused path: one QKV and one gate-up GEMM per layer (weights become views of one buffer each),
+        # optionally torch.compile'd per layer piece; the model's own forward_paged otherwise
+        self.fused = bool(fuse or compile) and fused.supports(model)
+        if compile and not self.fused:
+            raise ValueError("compile=True needs the fused path (a bias-free, single-rank model)")
+        if self.fused:
+            fused.fuse_projections(model)
+        self.pieces = fused.compiled_pieces() if compile else (fused.layer_pre, fused.layer_post)
         self.compile = compile
         self.max_pad_ratio = max_pad_ratio
         dblock = drafter.block_size if drafter is not None else 1
@@ -120,8 +129,6 @@ class GraphRunner(ModelRunner):
         g = self.graphs.get(key)
         if g is None:
             bufs, fn = build()
-            if self.compile:
-                fn = torch.compile(fn, dynamic=False)
             with torch.inference_mode():
                 g = self.graphs[key] = StaticGraph(fn, bufs, self.mode, self.mempool, self.device)
         self.hits[key] = self.hits.get(key, 0) + 1
@@ -144,6 +151,9 @@ class GraphRunner(ModelRunner):
         def fn():
             mask = (bufs.keys[None, None, :] <= bufs.pos.view(b, q)[:, :, None])[:, None]  # [b, 1, q, K]
             meta = AttnMetadata(bufs.slots, bufs.tables, bufs.q_index, None, mask, b, q)
+            if self.fused:
+                return fused.forward_paged_fused(self.model, bufs.ids, bufs.pos, self.pool.target, meta, layers,
+                                                 *self.pieces)
             return self.model.forward_paged(bufs.ids, bufs.pos, self.pool.target, meta, capture_layers=layers)
 
         return bufs, fn
@@ -275,12 +285,13 @@ class GraphRunner(ModelRunner):
         return len(self.graphs) - before
 
 
-def enable_graphs(engine, mode: str = "auto", compile: bool = False, warmup: bool = False) -> GraphRunner:
+def enable_graphs(engine, mode: str = "auto", fuse: bool = True, compile: bool = False,
+                  warmup: bool = False) -> GraphRunner:
     """Swap an LLMEngine's eager runner for a GraphRunner over the same model, drafter and KV pool."""
     old = engine.runner
     g = GraphRunner(old.model, old.drafter, old.pool, old.block_size, old.device,
                     scratch_block=reserve_scratch_block(engine.blocks), max_num_seqs=engine.config.max_num_seqs,
-                    max_model_len=engine.max_model_len, mode=mode, compile=compile)
+                    max_model_len=engine.max_model_len, mode=mode, fuse=fuse, compile=compile)
     g.before_forward = old.before_forward
     if warmup:
         g.warmup()

@@ -32,12 +32,13 @@ def eng(tmp_path_factory):
     return e
 
 
-def graph_runner(e) -> GraphRunner:
+def graph_runner(e, fuse: bool = True, compile: bool = False) -> GraphRunner:
     scratch = getattr(e, "_scratch", None)
     if scratch is None:
         scratch = e._scratch = reserve_scratch_block(e.blocks)
     return GraphRunner(e.model, e.drafter, e.pool, e.blocks.block_size, e.device, scratch_block=scratch,
-                       max_num_seqs=e.config.max_num_seqs, max_model_len=e.max_model_len, mode="eager")
+                       max_num_seqs=e.config.max_num_seqs, max_model_len=e.max_model_len, mode="eager",
+                       fuse=fuse, compile=compile)
 
 
 def _snapshot(pool):
@@ -55,8 +56,10 @@ def _restore(pool, snap):
     [(8, 6), (8, 30)],  # 2 verify blocks of 8
     [(5, 12), (8, 3), (1, 40), (2, 7), (3, 0)],  # ragged runs (shrunk blocks, a decode, a short prefill)
 ])
-def test_forward_matches_eager(eng, shape):
-    e, g = eng, graph_runner(eng)
+@pytest.mark.parametrize("fuse", [False, True], ids=["model-forward", "fused"])
+def test_forward_matches_eager(eng, shape, fuse):
+    e, g = eng, graph_runner(eng, fuse)
+    assert g.fused == fuse
     eager = ModelRunner(e.model, e.drafter, e.pool, e.blocks.block_size, e.device)
     bs = e.blocks.block_size
     torch.manual_seed(len(shape))
