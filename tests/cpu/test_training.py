@@ -118,3 +118,13 @@ def test_jsonl_torn_tail_and_worker_merge(tmp_path):
     bad.write_text('{"id": 1}\n{broken\n{"id": 2}\n')
     with pytest.raises(ValueError, match="corrupted"):
         read_jsonl(bad)
+
+
+def test_prompt_texts_are_reproducible_across_processes():
+    import subprocess
+    import sys
+
+    code = "from workers.training.prompts import build_prompts; print([p.id for p in build_prompts(60, 5)])"
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+            for _ in range(2)]
+    assert runs[0] == runs[1] == str([p.id for p in build_prompts(60, 5)]) + "\n"

@@ -9,6 +9,7 @@ import hashlib
 import importlib
 import inspect
 import random
+import re
 from dataclasses import asdict, dataclass
 
 CATEGORIES = ("math", "code", "chat")
@@ -105,7 +106,7 @@ def _stdlib_functions() -> list[tuple[str, str, str]]:
                 continue
             doc = (inspect.getdoc(obj) or "").strip().splitlines()
             try:
-                sig = str(inspect.signature(obj))
+                sig = re.sub(r" at 0x[0-9a-fA-F]+", "", str(inspect.signature(obj)))  # no memory addresses
             except (TypeError, ValueError):
                 continue
             if doc and 10 < len(doc[0]) < 160:
