@@ -170,6 +170,16 @@ def test_serve_config_is_specfleets_own_schema(prof):
     assert env[cfg.auth.keys_env]["valueFrom"]["secretKeyRef"]["key"] == "api-keys"
 
 
+def test_cluster_spec_is_a_valid_raycluster_spec():
+    """The RayService embeds a RayCluster spec: check it against the RayCluster CRD as well."""
+    (rs,) = by_kind(render(profile("values-dgx-b300.yaml")), "RayService")
+    v = crd_validator("ray.io_rayclusters.yaml")
+    cluster = {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": {"name": "x"},
+               "spec": rs["spec"]["rayClusterConfig"]}
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in v.iter_errors(cluster)]
+    assert not errors, "\n".join(errors)
+
+
 def test_dgx_b300_profile_plan():
     from orchestrator.config import ServeConfig
 
