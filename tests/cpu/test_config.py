@@ -73,3 +73,21 @@ def test_json_schema_describes_every_section():
     schema = ServeConfig.json_schema()
     assert schema["additionalProperties"] is False
     assert {"model", "replicas", "router", "limits", "auth", "persistence", "http", "engine"} <= set(schema["properties"])
+
+
+def test_serve_cli_check_and_schema(tmp_path, capsys):
+    import json
+
+    from orchestrator.cli import main
+
+    path = tmp_path / "c.yaml"
+    path.write_text("replicas: [{count: 2}]\nhttp: {port: 9001}\n")
+    assert main(["serve", str(path), "--check", "--mock", "--port", "9002", "--db", ":memory:"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["engine"] == "mock" and out["http"]["port"] == 9002 and out["replicas"][0]["count"] == 2
+    assert out["persistence"]["sqlite_path"] == ":memory:"
+    assert main(["serve", "--print-schema"]) == 0
+    assert json.loads(capsys.readouterr().out)["title"] == "ServeConfig"
+    path.write_text("replicas: [{count: 0}]\n")
+    assert main(["serve", str(path), "--check"]) == 1  # a clear message, no traceback
+    assert "greater than or equal to 1" in capsys.readouterr().err
