@@ -178,6 +178,18 @@ def _wait_ready(base_url: str, proc: subprocess.Popen, timeout_s: float) -> None
     raise TimeoutError(f"specfleet serve not ready after {timeout_s:.0f} s")
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGINT the server's process group (graceful drain), SIGKILL it after 60 s."""
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
 def run_policy(policy: str, cfg: dict, trace, args, out: Path) -> dict:
     cfg = json.loads(json.dumps(cfg))
     cfg.setdefault("router", {})["policy"] = policy
@@ -187,13 +199,23 @@ def run_policy(policy: str, cfg: dict, trace, args, out: Path) -> dict:
     cfg_path.write_text(yaml.safe_dump(cfg))
     for stale in out.glob(f"{policy}.sqlite*"):
         stale.unlink()
-    log = open(out / f"{policy}.serve.log", "w")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", str(cfg_path)], stdout=log,
-                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
     base = f"http://127.0.0.1:{args.port}"
+    for attempt in range(3):  # a loaded machine sometimes fails Ray's own start-up: try again
+        log = open(out / f"{policy}.serve.log", "a")
+        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", str(cfg_path)], stdout=log,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            _wait_ready(base, proc, args.startup_timeout_s)
+            break
+        except (RuntimeError, TimeoutError) as exc:
+            print(f"[{policy}] start-up attempt {attempt + 1} failed: {exc}", flush=True)
+            _stop(proc)
+            log.close()
+            if attempt == 2:
+                raise
+            time.sleep(10)
     try:
-        _wait_ready(base, proc, args.startup_timeout_s)
         print(f"[{policy}] server ready; replaying {len(trace)} sessions at concurrency {args.concurrency}",
               flush=True)
         samples: list = []
@@ -202,12 +224,7 @@ def run_policy(policy: str, cfg: dict, trace, args, out: Path) -> dict:
                                   args.concurrency, args.duration_s, metrics_log=samples))
         wall = time.time() - t_start
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        _stop(proc)
         log.close()
     with open(out / f"{policy}.requests.jsonl", "w") as f:
         for r in recs:
