@@ -17,8 +17,13 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def ray8():
+    import os
+
     import ray
 
+    # a busy 2-core machine starts Ray's agents slowly (raylet "Timed out waiting for file metrics_agent_port")
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", "180")
+    os.environ.setdefault("RAY_agent_register_timeout_ms", "180000")
     if ray.is_initialized():
         ray.shutdown()
     ray.init(num_cpus=8, num_gpus=8, include_dashboard=False, log_to_driver=False)
@@ -127,7 +132,18 @@ async def test_tp2_equals_tp1_and_survives_a_killed_rank(ray8, tmp_path):
 
         old_pids = {r.pid for r in g.ranks}
         old_gpus = [r.gpu_ids for r in g.ranks]
-        ray.kill(g.actors[1])  # a follower rank dies
+        # a follower rank dies while a request is streaming: the stream ends with an error, no hang
+        stream = g.generate("long", prompts[0], SamplingParams(max_tokens=400, ignore_eos=True))
+        first = await asyncio.wait_for(stream.__anext__(), 60)
+        assert first.error is None
+        ray.kill(g.actors[1])
+        last = first
+        async def drain():
+            nonlocal last
+            async for o in stream:
+                last = o
+        await asyncio.wait_for(drain(), 60)
+        assert last.finished and last.finish_reason == "error" and last.error
         deadline = time.monotonic() + 180
         while not (g.state.restarts >= 1 and g._ready.is_set()):
             assert time.monotonic() < deadline, f"no restart: {g.state.last_error}"

@@ -74,6 +74,7 @@ def test_check_tp_and_kv_heads():
         check_tp(cfg, 3)
 
 
+@pytest.mark.slow
 def test_tp2_matches_unsharded(tmp_path):
     paths = {k: str(make_tiny_hf_dir(tmp_path / k, fam, with_tokenizer=False, **ov))
              for k, (fam, ov) in VARIANTS.items()}
