@@ -240,7 +240,24 @@ class ModelReplica:
             yield item
 
     def record_routing_stats(self) -> dict:
-        return self.core.routing_stats()
+        stats = self.core.routing_stats()
+        self._export(stats)
+        return stats
+
+    def _export(self, stats: dict) -> None:
+        """Headroom gauges through Ray's metrics export (per replica, refreshed every stats period)."""
+        try:
+            if not hasattr(self, "_gauges"):
+                from ray.serve.metrics import Gauge
+
+                self._gauges = {k: Gauge(f"specfleet_replica_{k}", description=f"replica {k} (routing stats)")
+                                for k in ("kv_free_tokens", "kv_total_tokens", "vram_free_bytes", "num_running",
+                                          "num_waiting", "tau_mean")}
+            for k, g in self._gauges.items():
+                if stats.get(k) is not None:
+                    g.set(float(stats[k]))
+        except Exception:  # metrics must never break routing stats
+            log.debug("metrics export failed", exc_info=True)
 
     def check_health(self) -> None:
         self.core.check_health()
