@@ -151,7 +151,9 @@ def test_plan_cli_json_and_errors(capsys):
     assert "model too large" in capsys.readouterr().err
     assert main(["plan", "--node", "nope", "--model", "qwen3-8b"]) == 1
     # gpt-oss-120b fits one 80 GB H100 in its native MXFP4, not once upcast to bf16
-    assert main(["plan", "--node", "h100", "--model", "gpt-oss-120b", "--json"]) == 0
+    assert main(["plan", "--node", "h100", "--model", "gpt-oss-120b", "--max-model-len", "32768",
+                 "--concurrency", "8", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["layout"] == "1xTP1"
-    assert main(["plan", "--node", "h100", "--model", "gpt-oss-120b", "--dtype", "bfloat16"]) == 1
+    assert main(["plan", "--node", "h100", "--model", "gpt-oss-120b", "--max-model-len", "32768",
+                 "--dtype", "bfloat16"]) == 1
     assert "233.6 GB of weights" in capsys.readouterr().err
