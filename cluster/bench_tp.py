@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", default="What is 2+2? Explain briefly.")
     a = p.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_agent_register_timeout_ms", "180000")
+    os.environ.setdefault("RAY_agent_register_timeout_ms", "180000")  # slow agents on a busy machine
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", "180")
     res = asyncio.run(run(a.model, a.tp, a.tokens, a.drafter, a.prompt))
     print(json.dumps(res))
     return 0 if res["identical"] else 1

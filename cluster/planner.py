@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from cluster.explain import explain
 from cluster.presets import DrafterSpec, ModelSpec
 from cluster.roofline import LOGIT_BYTES, Throughput, replica_throughput
 from cluster.topology import GiB, NodeProfile
@@ -236,52 +237,6 @@ def evaluate_layout(model: ModelSpec, drafter: DrafterSpec | None, node: NodePro
         thr = replica_throughput(model, node, tp, seqs, ctx, d, w.block_size, w.tau)
         ev.replicas.append(ReplicaPlan(i, tp, gpus, gpus[0] if d else None, seqs, tokens, mem, thr))
     return ev
-
-
-def _gpu_s_per_token(ev: LayoutEval, w: Workload) -> dict[str, float]:
-    """GPU-seconds per generated token, split by roofline term (replica 0 is representative)."""
-    r = ev.replicas[0]
-    thr, s = r.throughput, r.throughput.step
-    tokens_per_step = max(r.max_seqs, 1) * (w.tau if thr.mode == "spec" else 1.0)
-    k = ev.tp / tokens_per_step
-    return {"roofline": max(s.mem_s, s.compute_s) * k, "all-reduce": s.comm_s * k,
-            "step overhead": s.overhead_s * k,
-            "drafter": thr.draft.total_s * k if thr.mode == "spec" and thr.draft else 0.0}
-
-
-_WHY = {
-    "roofline-memory": "each GPU reads more weight/KV bytes per generated token",
-    "roofline-compute": "more tensor-core time per generated token (the verify step is compute-bound)",
-    "all-reduce": "all-reduce over the interconnect costs more per generated token",
-    "step overhead": "the fixed per-step overhead is spread over fewer tokens per GPU",
-    "drafter": "the drafter runs on one GPU while the replica's other GPUs wait",
-}
-
-
-def explain(chosen: LayoutEval, others: list[LayoutEval], rejected: list[tuple[str, str]], w: Workload) -> list[str]:
-    r0 = chosen.replicas[0]
-    thr = r0.throughput
-    lines = [
-        f"chosen {chosen.layout}: {chosen.tokens_per_s:,.0f} tok/s predicted at {w.concurrency} concurrent "
-        f"sequences ({r0.max_seqs} per replica, {'speculative, tau ' + format(w.tau, 'g') + ', block ' + str(w.block_size) if thr.mode == 'spec' else 'autoregressive'}); "
-        f"{thr.per_seq_tokens_per_s:,.0f} tok/s per sequence; step {thr.step_s * 1e3:.2f} ms "
-        f"({thr.step.bound}-bound)"]
-    mine = _gpu_s_per_token(chosen, w)
-    for ev in others:
-        ratio = ev.tokens_per_s / chosen.tokens_per_s
-        theirs = _gpu_s_per_token(ev, w)
-        diff = {k: theirs[k] - mine[k] for k in mine}
-        worst = max(diff, key=diff.get)
-        t = ev.replicas[0].throughput
-        share = diff[worst] / max(sum(theirs.values()), 1e-12)
-        key = f"roofline-{t.step.bound}" if worst == "roofline" else worst
-        why = _WHY[key] if diff[worst] > 0 else "no roofline term is worse; it is within the tie margin"
-        lines.append(f"{ev.layout}: {ratio:.2f}x the chosen throughput ({ev.tokens_per_s:,.0f} tok/s, "
-                     f"{ev.replicas[0].max_seqs} seq/replica, step {t.step_s * 1e3:.2f} ms, {t.mode}) - {why}"
-                     f" (that excess is {share:.0%} of its GPU-time per token)")
-    for layout, reason in rejected:
-        lines.append(f"{layout}: rejected - {reason}")
-    return lines
 
 
 def plan(node: NodeProfile, model: ModelSpec, drafter: DrafterSpec | None = None,
