@@ -7,6 +7,7 @@ CPU smoke (tiny shapes, seconds; checks the code paths, measures nothing meaning
 
 Per case and batch size B (every sequence at --ctx cached tokens), for the eager runner and the graph runner:
   ar_ms      one AR decode step (B tokens) incl. input building and the host read of the argmax (= engine step)
+  ar_fwd_ms  the same with the inputs already on the device (the forward + argmax alone)
   verify_ms  one verify step of --block tokens per sequence (drafter features captured)
   draft_ms   one drafter proposal (block of --block) + the context write of B*block committed rows
   roofline   (weights read once + KV read) / peak bandwidth; peak = a device-to-device copy on the same GPU
@@ -98,9 +99,13 @@ class Rig:
         self.feats = torch.randn(max_batch * block, max(fdim, 1), device=device).to(dtype)
         self.vocab = model.config.vocab_size
 
-    def ar(self, runner, b: int):
+    def ar_inputs(self, b: int):
         sl = [SeqSlice([7 + i], self.ctx, self.tables[i], [0]) for i in range(b)]
-        logits, _ = runner.run_target(build_step_inputs(sl, self.bs, self.device, capture=False))
+        return build_step_inputs(sl, self.bs, self.device, capture=False)
+
+    def ar(self, runner, b: int, inp=None):
+        """One AR step; with ``inp`` given, the forward alone (inputs already built and on the device)."""
+        logits, _ = runner.run_target(inp if inp is not None else self.ar_inputs(b))
         return logits.argmax(-1).tolist()
 
     def verify(self, runner, b: int):
@@ -144,6 +149,9 @@ def bench_case(name: str, model, drafter, device, dtype, batches, ctx, block, it
             r["ar_tok_s"] = b / r["ar_ms"] * 1e3
             r["ar_roofline_ms"] = roof["ar"]
             r["ar_roofline_frac"] = roof["ar"] / r["ar_ms"]
+            inp = rig.ar_inputs(b)
+            r["ar_fwd_ms"] = timed_ms(lambda: rig.ar(runner, b, inp), device, iters, 3)
+            r["ar_fwd_roofline_frac"] = roof["ar"] / r["ar_fwd_ms"]
             if drafter is not None:
                 r["verify_ms"] = timed_ms(lambda: rig.verify(runner, b), device, iters, 3)
                 r["draft_ms"] = timed_ms(lambda: rig.draft(runner, b), device, iters, 3)
@@ -161,8 +169,9 @@ def bench_case(name: str, model, drafter, device, dtype, batches, ctx, block, it
 
 
 def _fmt(r: dict) -> str:
-    s = (f"{r['case']:<14} B={r['batch']:<3} {r['mode']:<5} AR {r['ar_ms']:8.3f} ms ({r['ar_tok_s']:9.1f} tok/s, "
-         f"{100 * r['ar_roofline_frac']:5.1f}% roofline)")
+    s = (f"{r['case']:<10} B={r['batch']:<3} {r['mode']:<5} AR {r['ar_ms']:8.3f} ms ({r['ar_tok_s']:9.1f} tok/s, "
+         f"{100 * r['ar_roofline_frac']:5.1f}% roofline; forward alone {r['ar_fwd_ms']:.3f} ms, "
+         f"{100 * r['ar_fwd_roofline_frac']:5.1f}%)")
     if "verify_ms" in r:
         s += (f" | verify {r['verify_ms']:8.3f} ms ({r['verify_over_ar']:.2f}x AR) | draft {r['draft_ms']:8.3f} ms "
               f"({100 * r['draft_over_ar']:.1f}% AR)")
@@ -257,6 +266,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device here: run with --device cpu --smoke for the CPU check")
+    if a.smoke and device.type == "cpu":
+        torch.set_num_threads(1)  # tiny shapes: a spinning thread pool only costs time on a shared box
     if a.smoke:
         a.batches, a.ctx, a.iters, a.block = ("1,4" if a.batches == "1,4,16,64" else a.batches), min(a.ctx, 48), \
             min(a.iters, 3), min(a.block, 8)

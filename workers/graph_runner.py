@@ -289,6 +289,8 @@ def enable_graphs(engine, mode: str = "auto", fuse: bool = True, compile: bool =
                   warmup: bool = False) -> GraphRunner:
     """Swap an LLMEngine's eager runner for a GraphRunner over the same model, drafter and KV pool."""
     old = engine.runner
+    if isinstance(old, GraphRunner):
+        return old
     g = GraphRunner(old.model, old.drafter, old.pool, old.block_size, old.device,
                     scratch_block=reserve_scratch_block(engine.blocks), max_num_seqs=engine.config.max_num_seqs,
                     max_model_len=engine.max_model_len, mode=mode, fuse=fuse, compile=compile)

@@ -24,6 +24,15 @@ def test_buckets():
     assert bucket(3, (1, 2, 4, 8)) == 4 and bucket(8, (1, 2, 4, 8)) == 8 and bucket(9, (1, 2, 4, 8)) is None
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a thread pool, and a spinning one costs a lot on a loaded 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def eng(tmp_path_factory):
     e, lm = tiny_engine(tmp_path_factory.mktemp("graph"), "qwen3", drafter_block=8, max_num_batched_tokens=64,
