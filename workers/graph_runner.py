@@ -67,7 +67,8 @@ class StaticGraph:
                     fn()
             torch.cuda.current_stream(device).wait_stream(s)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=pool):
+            # thread_local: CUDA calls from other threads (telemetry, the serving loop) do not break a capture
+            with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
                 self.out = fn()
 
     def __call__(self):
