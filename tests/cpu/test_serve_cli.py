@@ -27,7 +27,7 @@ def _start(cfg_path, log_path):
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", str(cfg_path)], stdout=log,
                             stderr=subprocess.STDOUT, env=env)
     try:
-        wait_healthy(URL, timeout_s=120)
+        wait_healthy(URL, timeout_s=240)
     except TimeoutError:
         proc.kill()
         raise AssertionError(open(log_path).read()[-3000:])
