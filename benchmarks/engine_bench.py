@@ -60,11 +60,11 @@ def bench_hf(model_dir: str, prompts: list[list[int]], batch: int, max_tokens: i
         return (out.shape[1] - width) * len(group)
 
     run(prompts[:batch])  # warm-up
-    t0, n = time.perf_counter(), 0
+    t0, c0, n = time.perf_counter(), time.process_time(), 0
     for i in range(0, len(prompts), batch):
         n += run(prompts[i: i + batch])
-    dt = time.perf_counter() - t0
-    return {"tokens": n, "seconds": dt, "tok_s": n / dt}
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"tokens": n, "seconds": dt, "cpu_seconds": cpu, "tok_s": n / dt, "tok_per_cpu_s": n / cpu}
 
 
 def bench_engine(eng, prompts: list[list[int]], batch: int, max_tokens: int, spec) -> dict:
@@ -83,12 +83,12 @@ def bench_engine(eng, prompts: list[list[int]], batch: int, max_tokens: int, spe
     run(prompts[:batch], "warm")
     tr = eng.tracker
     p0, k0 = tr.spec_passes, tr.spec_tokens
-    t0, n = time.perf_counter(), 0
+    t0, c0, n = time.perf_counter(), time.process_time(), 0
     for i in range(0, len(prompts), batch):
         n += run(prompts[i: i + batch], f"b{i}")
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     tau = (tr.spec_tokens - k0) / (tr.spec_passes - p0) if tr.spec_passes > p0 else None
-    return {"tokens": n, "seconds": dt, "tok_s": n / dt, "tau": tau}
+    return {"tokens": n, "seconds": dt, "cpu_seconds": cpu, "tok_s": n / dt, "tok_per_cpu_s": n / cpu, "tau": tau}
 
 
 def main() -> int:
@@ -135,9 +135,9 @@ def main() -> int:
             row["dflash"] = bench_engine(eng, prompts, b, args.max_tokens, spec)
         results.append(row)
         line = f"batch {b:>2}:"
-        for s in ("hf", "ar", "dflash"):
-            if s in row:
-                line += f"  {s} {row[s]['tok_s']:7.1f} tok/s"
+        for name in ("hf", "ar", "dflash"):
+            if name in row:
+                line += f"  {name} {row[name]['tok_s']:6.1f} tok/s ({row[name]['tok_per_cpu_s']:6.1f}/cpu-s)"
         if "hf" in row and "ar" in row:
             line += f"  | AR/HF {row['ar']['tok_s'] / row['hf']['tok_s']:.2f}x"
         if "dflash" in row and "ar" in row:
