@@ -150,10 +150,18 @@ def start_local(cfg: ServeConfig, *, init_ray: bool = True) -> str:
     if init_ray and not ray.is_initialized():
         kw: dict[str, Any] = dict(include_dashboard=False, logging_level=logging.WARNING,
                                   log_to_driver=False)
-        if cfg.ray.address:
-            ray.init(address=cfg.ray.address, **kw)
-        else:
-            ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, **kw)
+        for attempt in range(3):  # Ray waits a fixed 30 s for its raylet: an overloaded host can miss that
+            try:
+                if cfg.ray.address:
+                    ray.init(address=cfg.ray.address, **kw)
+                else:
+                    ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, **kw)
+                break
+            except Exception as exc:
+                if "timed out during startup" not in str(exc) or attempt == 2:
+                    raise
+                log.warning("Ray start timed out (attempt %d); retrying", attempt + 1)
+                ray.shutdown()
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port}, logging_config={"log_level": "WARNING"})
     serve.run(build_app(cfg.to_args()), name=cfg.ray.app_name, route_prefix="/")
     host = "127.0.0.1" if cfg.http.host in ("0.0.0.0", "::") else cfg.http.host
