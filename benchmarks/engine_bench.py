@@ -91,6 +91,26 @@ def bench_engine(eng, prompts: list[list[int]], batch: int, max_tokens: int, spe
     return {"tokens": n, "seconds": dt, "cpu_seconds": cpu, "tok_s": n / dt, "tok_per_cpu_s": n / cpu, "tau": tau}
 
 
+def profile_ar(eng, prompt: list[int], steps: int) -> int:
+    """Where an AR decode step's CPU time goes (batch 1)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from workers.params import SamplingParams, SpecParams
+
+    eng.add_request("prof", prompt, SamplingParams(max_tokens=steps + 6, ignore_eos=True), SpecParams(enabled=False))
+    for _ in range(5):
+        eng.step()
+    c0 = time.process_time()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            eng.step()
+    print(f"{(time.process_time() - c0) / steps * 1e3:.1f} CPU ms per AR step (profiler on)")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    while eng.has_unfinished():
+        eng.step()
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
@@ -103,6 +123,7 @@ def main() -> int:
     ap.add_argument("--systems", default="hf,ar,dflash")
     ap.add_argument("--block-size", type=int, default=None)
     ap.add_argument("--out", default=None, help="write results as JSON here")
+    ap.add_argument("--profile", type=int, default=0, help="instead: torch-profile N AR decode steps at batch 1")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -123,6 +144,8 @@ def main() -> int:
     base = [chat_ids(tok, p) for p in PROMPTS]
     prompts = [base[i % len(base)] for i in range(max(args.prompts, max(batches)))]
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    if args.profile:
+        return profile_ar(eng, prompts[0], args.profile)
     results = []
     for b in batches:
         row = {"batch": b}
