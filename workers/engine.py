@@ -41,6 +41,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.85
     num_spec_tokens_default: int = 16  # default SpecParams.block_size
     seed: int = 0
+    cuda_graphs: bool = False  # workers/graph_runner.py: CUDA graphs on GPU (tp == 1), static-buffer replay on CPU
 
 
 def _eos_ids(model_cfg, tokenizer, model_path: str) -> list[int]:
@@ -93,6 +94,10 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens,
                                    draft_slack=bs if drafter is not None else 0)
         self.runner = ModelRunner(model, drafter, self.pool, bs, self.device)
+        if cfg.cuda_graphs:
+            from workers.graph_runner import enable_graphs
+
+            enable_graphs(self, warmup=self.device.type == "cuda")
         self.tracker = StatsTracker(max_block=max(self.max_block, 2))
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.executor = StepExecutor(self)

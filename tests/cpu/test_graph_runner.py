@@ -37,7 +37,7 @@ def one_thread():
 def eng(tmp_path_factory):
     e, lm = tiny_engine(tmp_path_factory.mktemp("graph"), "qwen3", drafter_block=8, max_num_batched_tokens=64,
                         max_num_seqs=6)
-    e.lm = lm
+    e.lm, e.dir = lm, e.config.model
     return e
 
 
@@ -153,3 +153,12 @@ def test_generation_matches_eager(eng, nreq, spec):
     assert used and max(k[1] for k in used) == bucket(nreq, g.batch_buckets)
     if spec.enabled:
         assert any(k[0] == "draft" for k in g.hits) and any(k[0] == "ctx" for k in g.hits)
+
+
+def test_engine_config_flag(eng):
+    """EngineConfig(cuda_graphs=True) puts the graph runner in the engine (eager replay on CPU)."""
+    e, _ = tiny_engine(eng.dir, "qwen3", drafter_block=8, max_num_batched_tokens=64, max_num_seqs=6, cuda_graphs=True)
+    assert isinstance(e.runner, GraphRunner) and e.runner.mode == "eager"
+    reqs = REQS[:2]
+    assert _generate(e, reqs, SpecParams(True, 8)) == [reference_greedy(eng.lm.model, p, n) for p, n in reqs]
+    assert any(k[0] == "target" and k[2] == 8 for k in e.runner.hits)
