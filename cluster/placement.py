@@ -19,20 +19,11 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
+from cluster.rank_actors import RankInfo, kill_ranks, remove_group, reserve_bundles, spawn_ranks, wait_with_progress
 from workers.params import EngineStats, NoCapacity, RequestOutput
 
 log = logging.getLogger("specfleet.placement")
 DEFAULT_BUNDLE = {"GPU": 1, "CPU": 1}
-
-
-@dataclass
-class RankInfo:
-    rank: int
-    bundle_index: int
-    gpu_ids: list[str]
-    node_ip: str
-    pid: int
-    actor_id: str = ""
 
 
 @dataclass
@@ -54,7 +45,8 @@ class ReplicaGroup:
                  bundle_indices: list[int] | None = None, bundle: dict[str, float] | None = None,
                  torch_threads: int | None = None, restart_on_failure: bool = True,
                  monitor_interval_s: float = 1.0, ready_timeout_s: float = 60.0,
-                 place_timeout_s: float = 60.0, progress: bool = True, name: str = "replica"):
+                 place_timeout_s: float = 60.0, probe_timeout_s: float = 30.0, progress: bool = True,
+                 name: str = "replica"):
         if tp < 1:
             raise ValueError(f"tp must be >= 1, got {tp}")
         self.engine_cfg, self.tp, self.name = engine_cfg, tp, name
@@ -69,6 +61,7 @@ class ReplicaGroup:
         self.monitor_interval_s, self.ready_timeout_s, self.place_timeout_s = (
             monitor_interval_s, ready_timeout_s, place_timeout_s)
         self.show_progress = progress
+        self.probe_timeout_s = probe_timeout_s  # a dead rank fails the probe at once; this bounds a wedged one
         self._pg, self._own_pg = placement_group, False
         self._bundle_indices = bundle_indices
         self.engine = None  # in-process AsyncLLMEngine
@@ -107,22 +100,8 @@ class ReplicaGroup:
         self.tokenizer, self.max_model_len, self.eos_token_ids = tokenizer, max_model_len, list(eos)
 
     async def _place(self) -> None:
-        import ray
-        from ray.util.placement_group import get_current_placement_group, placement_group
-
-        if self._pg is None:
-            current = get_current_placement_group()
-            if current is not None and len(current.bundle_specs) >= self.tp:
-                self._pg = current
-            else:
-                self._pg = placement_group([dict(self.bundle) for _ in range(self.tp)], strategy="STRICT_PACK",
-                                           name=f"{self.name}-tp{self.tp}-{id(self):x}")
-                self._own_pg = True
-        ready, _ = await asyncio.to_thread(ray.wait, [self._pg.ready()], timeout=self.place_timeout_s)
-        if not ready:
-            await self._remove_pg()
-            raise NoCapacity(f"cannot place {self.tp} x {self.bundle} (STRICT_PACK) within "
-                             f"{self.place_timeout_s:.0f} s: not enough free GPUs/CPUs on one node")
+        self._pg, self._own_pg = await reserve_bundles(
+            self._pg, self.tp, self.bundle, f"{self.name}-tp{self.tp}-{id(self):x}", self.place_timeout_s)
         if self._bundle_indices is None:
             self._bundle_indices = list(range(self.tp))
         if len(self._bundle_indices) != self.tp:
@@ -140,32 +119,14 @@ class ReplicaGroup:
         return self.ranks
 
     async def _spawn(self) -> None:
-        import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        from cluster.rank_worker import RankWorker
-
-        cls = ray.remote(RankWorker)
         threads = self.torch_threads or int(self.bundle.get("CPU", 1)) or 1
-        self.actors = [
-            cls.options(
-                num_cpus=self.bundle.get("CPU", 0), num_gpus=self.bundle.get("GPU", 0),
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self._pg, placement_group_bundle_index=b,
-                    placement_group_capture_child_tasks=False),
-                name=None,
-            ).remote(rank, self.tp, b, threads)
-            for rank, b in enumerate(self._bundle_indices)
-        ]
-        pings = await asyncio.gather(*[a.ping.remote() for a in self.actors])
-        self.ranks = [RankInfo(p["rank"], p["bundle_index"], p["gpu_ids"], p["node_ip"], p["pid"], p["actor_id"])
-                      for p in pings]
+        self.actors, self.ranks = await spawn_ranks(self._pg, self._bundle_indices, self.bundle, threads)
 
     async def _setup(self) -> None:
         addr, port = await self.actors[0].address.remote()
         setups = [a.setup.remote(self.engine_cfg, addr, port) for a in self.actors]
         try:
-            results = await self._await_with_progress(setups)
+            results = await wait_with_progress(setups, self.actors, self.name, self.show_progress)
         except BaseException as exc:
             await self._kill_actors()
             raise _unwrap(exc) from None
@@ -175,32 +136,6 @@ class ReplicaGroup:
         self.state.generation += 1
         await self._refresh()
         self._ready.set()
-
-    async def _await_with_progress(self, refs: list) -> list:
-        """Wait for every rank's setup; show per-rank loading progress (tqdm) while waiting."""
-        bars = None
-        if self.show_progress:
-            from tqdm.auto import tqdm
-
-            bars = [tqdm(total=1, desc=f"{self.name} rank {r}", position=r, leave=False) for r in range(self.tp)]
-        pending = asyncio.ensure_future(asyncio.gather(*refs))
-        try:
-            while not pending.done():
-                await asyncio.wait([pending], timeout=0.25)
-                if bars:
-                    for bar, a in zip(bars, self.actors):
-                        try:
-                            p = await asyncio.wait_for(a.get_progress.remote(), 5)
-                        except Exception:
-                            continue
-                        bar.total = max(p["total"], 1)
-                        bar.n = p["done"] if p["total"] else (1 if p["stage"] == "ready" else 0)
-                        bar.set_postfix_str(p["stage"], refresh=True)
-            return pending.result()
-        finally:
-            if bars:
-                for bar in bars:
-                    bar.close()
 
     # ------------------------------------------------------------------ serving surface
     async def generate(self, request_id: str, prompt_token_ids: list[int], sampling, spec=None,
@@ -291,7 +226,7 @@ class ReplicaGroup:
         """None when every rank answers and is healthy, else what is wrong."""
         try:
             await asyncio.wait_for(asyncio.gather(*[a.check.remote() for a in self.actors]),
-                                   timeout=max(10.0, 5 * self.monitor_interval_s))
+                                   timeout=self.probe_timeout_s)
             return None
         except Exception as exc:
             err = _unwrap(exc)
@@ -330,31 +265,12 @@ class ReplicaGroup:
             await self._setup()
 
     async def _kill_actors(self) -> None:
-        import ray
-
-        for a in self.actors:
-            try:
-                ray.kill(a, no_restart=True)
-            except Exception:
-                pass
-        # wait until the processes are gone so the bundles' resources are free again
-        for a in self.actors:
-            for _ in range(50):
-                try:
-                    await asyncio.wait_for(a.ping.remote(), 0.2)
-                except Exception:
-                    break
-                await asyncio.sleep(0.1)
-        self.actors = []
+        actors, self.actors = self.actors, []
+        await kill_ranks(actors)
 
     async def _remove_pg(self) -> None:
         if self._own_pg and self._pg is not None:
-            from ray.util.placement_group import remove_placement_group
-
-            try:
-                remove_placement_group(self._pg)
-            except Exception:
-                pass
+            remove_group(self._pg)
             self._pg = None
 
     async def shutdown(self) -> None:
