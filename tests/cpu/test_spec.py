@@ -122,10 +122,9 @@ def test_trained_drafter_lossless():
     if not (TRAINED / "config.json").is_file() or not (target / "config.json").is_file():
         pytest.skip("trained drafter or SmolLM2 HF directory not available")
     eng = LLMEngine(EngineConfig(model=str(target), drafter=str(TRAINED), device="cpu", max_model_len=1024))
-    tok = eng.tokenizer
-    prompt = tok.apply_chat_template([{"role": "user", "content": "Write a Python function that adds two numbers."}],
-                                     add_generation_prompt=True)
-    prompt = list(prompt["input_ids"] if isinstance(prompt, dict) else prompt)
+    from orchestrator.commands.generate import encode_prompt
+
+    prompt = encode_prompt(eng.tokenizer, "Write a Python function that adds two numbers.", chat=True)
     outs = {}
     for name, spec in (("ar", SpecParams(enabled=False)), ("spec", SpecParams(True, 16))):
         eng.add_request(name, prompt, SamplingParams(max_tokens=48, ignore_eos=True), spec)
