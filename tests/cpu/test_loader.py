@@ -54,23 +54,16 @@ def smollm2_gguf() -> Path | None:
 @pytest.mark.demo
 @pytest.mark.slow
 def test_gguf_smollm2_matches_transformers():
-    """Our loader's GGUF path (config mapping + weights) vs transformers' model on the same de-quantized
-    weights: max |logit diff| < 1e-3 in fp32."""
+    """Our loader's GGUF path vs transformers' own GGUF loading: max |logit diff| < 1e-3 in fp32."""
     path = smollm2_gguf()
     if path is None:
         pytest.skip("SmolLM2 GGUF not available (specfleet models pull smollm2)")
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from workers.models.loader import build_model, read_gguf
-
-    hf_cfg, state, tok = read_gguf(path)
-    ours = build_model(hf_cfg, dict(state), torch.float32, torch.device("cpu"))
-    assert ours.config.num_hidden_layers == 30 and ours.config.vocab_size == 49152 and tok is not None
-    cfg = dict(hf_cfg)
-    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg), dtype=torch.float32)
-    hf.load_state_dict(state, strict=False)
-    hf.tie_weights()
-    ids = torch.tensor([tok.encode("The capital of France is")])
+    loaded = load_model(path, dtype="float32", device="cpu")
+    assert loaded.config.num_hidden_layers == 30 and loaded.tokenizer is not None
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    ids = torch.tensor([loaded.tokenizer.encode("The capital of France is")])
     with torch.no_grad():
-        diff = (ours(ids) - hf.eval()(ids).logits).abs().max().item()
+        diff = (loaded.model(ids) - hf(ids).logits).abs().max().item()
     assert diff < 1e-3, diff
