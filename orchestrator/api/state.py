@@ -77,6 +77,7 @@ class ServerState:
     registry: SessionRegistry
     metrics: Metrics = field(default_factory=Metrics)
     context_len: dict[str, int] = field(default_factory=dict)  # session -> tokens of its last turn
+    spec_off_turns: dict[str, int] = field(default_factory=dict)  # session -> consecutive steered-off turns
     in_flight: int = 0
     draining: bool = False
 

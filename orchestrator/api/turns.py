@@ -91,7 +91,8 @@ class Turn:
         route = route_hints(
             self.req.request_id, session_id=self.session_id, role=self.req.tags.get("role"),
             team=self.req.tags.get("team"), prompt_tokens=n_prompt, max_tokens=self.req.sampling["max_tokens"],
-            prefix_tokens=min(st.context_len.get(self.session_id or "", 0), n_prompt), spec=spec)
+            prefix_tokens=min(st.context_len.get(self.session_id or "", 0), n_prompt), spec=spec,
+            spec_off_turns=st.spec_off_turns.get(self.session_id or "", 0))
         kwargs = dict(request_id=self.req.request_id, prompt_token_ids=self.req.prompt_token_ids,
                       sampling=self.req.sampling, tags=self.req.tags)
         last_exc: BaseException | None = None
@@ -192,6 +193,8 @@ class Turn:
         sid = self.session_id
         if sid and res.replica is not None:
             st.context_len[sid] = len(self.req.prompt_token_ids) + res.completion_tokens
+            steered_off = self.req.spec is None and not (res.spec or {}).get("enabled", True)
+            st.spec_off_turns[sid] = st.spec_off_turns.get(sid, 0) + 1 if steered_off else 0
             try:
                 st.registry.record_turn(
                     sid, replica=res.replica, route=res.route, spec=res.spec,

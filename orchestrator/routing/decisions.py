@@ -73,6 +73,7 @@ def route_hints(
     max_tokens: int = 128,
     prefix_tokens: int = 0,
     spec: SpecParams | None = None,
+    spec_off_turns: int = 0,
 ) -> dict[str, Any]:
     """The JSON-safe ``route=`` kwarg the ingress passes on each call to the replica deployment."""
     return {
@@ -84,6 +85,7 @@ def route_hints(
         "max_tokens": int(max_tokens),
         "prefix_tokens": int(prefix_tokens),
         "spec": asdict(spec) if spec is not None else None,
+        "spec_off_turns": int(spec_off_turns),
     }
 
 
@@ -97,6 +99,7 @@ def route_request_from_hints(h: dict[str, Any]) -> RouteRequest:
         max_tokens=int(h.get("max_tokens") or 128),
         spec_requested=SpecParams(**spec) if spec else None,
         prefix_tokens=int(h.get("prefix_tokens") or 0),
+        spec_off_turns=int(h.get("spec_off_turns") or 0),
     )
 
 

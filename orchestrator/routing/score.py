@@ -45,6 +45,9 @@ class RouterWeights(BaseModel):
     steer_spec: bool = Field(True, description="turn speculation off where it is a loss")
     steer_block: bool = Field(True, description="choose the block size per request")
     spec_margin: float = Field(1.05, gt=0, description="speculate when its rate beats AR by this factor")
+    spec_probe_every: int = Field(
+        8, ge=0, description="after this many steered-off turns of a session, speculate once to re-measure "
+        "its acceptance (with speculation off no acceptance is observed, so 'off' would never be revisited); 0 = never")
     block_sizes: list[int] = Field(default_factory=list, description="candidate blocks (default: measured)")
     default_step_ms: float = Field(20.0, gt=0, description="AR step time before any measurement")
     default_prefill_ms_per_token: float = Field(0.5, ge=0)
@@ -61,6 +64,7 @@ class RouteRequest:
     max_tokens: int = 128
     spec_requested: SpecParams | None = None  # the client's explicit choice; None = let the router steer
     prefix_tokens: int = 0  # tokens of earlier turns (KV resident where the session is cached)
+    spec_off_turns: int = 0  # consecutive earlier turns of this session the router ran without speculation
 
 
 @dataclass
@@ -198,7 +202,8 @@ def _evaluate(req: RouteRequest, r: RoutingStats, cfg: RouterWeights, bonus: flo
             tb = tau_at_block(tau_base, r.block_size_default, b)
             cand = (tb / t_spec[b], tb, b)
             best = cand if best is None or cand[0] > best[0] else best
-        if not cfg.steer_spec or best[0] > rate * cfg.spec_margin:
+        probe = cfg.spec_probe_every > 0 and req.spec_off_turns >= cfg.spec_probe_every
+        if not cfg.steer_spec or probe or best[0] > rate * cfg.spec_margin:
             return best
         return rate, tau, blk
 
@@ -258,6 +263,9 @@ def rank(req: RouteRequest, replicas: list[RoutingStats], cfg: RouterWeights | N
         reason = _reason(e, others, excluded) if i == 0 else "spill"
         if e.steered_off:
             reason += "+spec-off"
+        elif e.spec.enabled and req.spec_requested is None and cfg.spec_probe_every > 0 \
+                and req.spec_off_turns >= cfg.spec_probe_every:
+            reason += "+spec-probe"
         choices.append(
             Choice(
                 e.r.replica_id, e.score, reason, e.spec, e.tau_hat,

@@ -122,3 +122,16 @@ def test_weights_reject_unknown_keys_and_rank_is_fast():
     for _ in range(200):
         rank(REQ, reps)
     assert (time.perf_counter() - t0) / 200 < 0.005  # well under 5 ms for 8 replicas on a slow core
+
+
+def test_a_steered_off_session_is_probed_again_after_spec_probe_every_turns():
+    # with speculation off no acceptance is measured, so "off" must be re-tested now and then
+    weak = replica("a", tau_by_session={"s1": (1.05, 50)}, tau_by_role={"coder": (1.05, 500)}, tau_mean=1.05)
+    cfg = RouterWeights(explore=0.0, spec_probe_every=4)
+    for turns in (0, 3):
+        off = rank(RouteRequest("s1", "coder", None, 300, 128, spec_off_turns=turns), [weak], cfg)[0]
+        assert not off.spec.enabled and off.reason.endswith("+spec-off")
+    probe = rank(RouteRequest("s1", "coder", None, 300, 128, spec_off_turns=4), [weak], cfg)[0]
+    assert probe.spec.enabled and probe.reason.endswith("+spec-probe")
+    never = RouterWeights(explore=0.0, spec_probe_every=0)
+    assert not rank(RouteRequest("s1", "coder", None, 300, 128, spec_off_turns=99), [weak], never)[0].spec.enabled
