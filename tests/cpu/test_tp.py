@@ -58,6 +58,7 @@ def _rank(rank, world, paths, port, q):
                 q.put((name, res, m.config.num_key_value_heads, m.model.layers[0].self_attn.k_proj.out_features))
             else:
                 q.put((f"follower-{name}", follow(m, ctx), None, None))
+        dist.barrier()  # tear down together: a rank leaving while its peer is mid-collective aborts gloo
     finally:
         dist.destroy_process_group()
 
