@@ -7,19 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from workers.drafter import DFlashDrafter, DrafterConfig, load_drafter, save_drafter
+from workers.drafter import DFlashDrafter, load_drafter, save_drafter
 from workers.models.config import ModelConfig
 from workers.models.tiny import tiny_drafter, tiny_hf_config
 from workers.params import IncompatibleDrafter
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core box they lose a lot."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

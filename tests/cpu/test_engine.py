@@ -6,7 +6,6 @@ import asyncio
 import time
 
 import pytest
-import torch
 
 from workers.async_engine import AsyncLLMEngine
 from workers.detokenize import IncrementalDetokenizer
@@ -14,12 +13,7 @@ from workers.models.tiny import reference_greedy, tiny_engine
 from workers.params import InvalidRequest, NoCapacity, SamplingParams, SpecParams
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 PER_BLOCK = 4 * (4 * 2 * 2 * 16 + 1 * 2 * 2 * 16) * 4  # tiny llama + 1-layer drafter, 4-token blocks, fp32

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from orchestrator.cli import main
 from workers.drafter import save_drafter
@@ -10,12 +9,7 @@ from workers.models.loader import load_model
 from workers.models.tiny import make_tiny_hf_dir, tiny_drafter
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_generate_streams_text_and_reports_tau(tmp_path, capsys):

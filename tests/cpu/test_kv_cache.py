@@ -10,12 +10,7 @@ from workers.models.tiny import tiny_engine
 from workers.params import SamplingParams, SpecParams
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_reserve_ensure_truncate_free():

@@ -12,13 +12,7 @@ from workers.models.loader import load_model
 from workers.models.tiny import make_tiny_hf_dir, make_tiny_hf_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core box they lose a lot."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOL = 1e-4
 

@@ -17,13 +17,7 @@ from workers.models.tiny import reference_greedy, tiny_drafter, tiny_engine
 from workers.params import SamplingParams, SpecParams
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core box they lose a lot."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 REQS = [  # (prompt, max_tokens, spec block or None=AR, join step)
     (list(range(5, 12)), 24, 8, 0),

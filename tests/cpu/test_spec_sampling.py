@@ -18,13 +18,7 @@ from workers.params import SamplingParams, SpecParams
 from workers.sampling import RowParams, processed_probs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core box they lose a lot."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 V, N, PROMPT = 16, 700, [5, 9, 3, 12]
 SP = dict(temperature=1.0, top_k=8)

@@ -2,19 +2,13 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from benchmarks.acceptance import markdown, measure
 from workers.models.tiny import tiny_engine
 from workers.training.prompts import build_prompts
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_measure_reports_tau_per_category(tmp_path):

@@ -15,13 +15,7 @@ from workers.sampling import RowParams, processed_probs
 from workers.verify import verify_greedy, verify_stochastic
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core box they lose a lot."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ALPHA = 1e-3
 
