@@ -60,6 +60,10 @@ class MockReplica:
     def peak(self) -> dict:
         return {"rank": self.rank, "max_concurrent": self.max_concurrent}
 
+    def roles_measured(self) -> dict:
+        """{"rank", "roles": {role: target passes measured}} from this replica's own engine stats."""
+        return {"rank": self.rank, "roles": {r: n for r, (_, n) in self.engine.stats().tau_by_tag.get("role", {}).items()}}
+
 
 def _deploy(name: str, profiles: list[dict], weights: dict | None = None):
     from ray.serve.config import RequestRouterConfig
@@ -68,7 +72,7 @@ def _deploy(name: str, profiles: list[dict], weights: dict | None = None):
         request_router_class="orchestrator.routing.router.SpecfleetRouter",
         request_router_kwargs={"weights": weights or {}, "seed": 0},
         request_routing_stats_period_s=0.3,
-        request_routing_stats_timeout_s=1.0,
+        request_routing_stats_timeout_s=3.0,  # a loaded 2-core CI box can be slow to answer
     )
     app = MockReplica.options(num_replicas=len(profiles), request_router_config=cfg).bind(profiles)
     return serve.run(app, name=name, route_prefix=None)
@@ -99,10 +103,15 @@ async def test_sessions_follow_acceptance_and_the_decision_reaches_the_replica(s
     ]
     # the mock's step time does not grow with the batch: tell the scorer so (batch_slope=0)
     handle = _deploy("accept", profiles, weights={"explore": 0.5, "batch_slope": 0.0})
-    # warm-up: let both replicas measure both roles (exploration spreads the first requests)
-    for _ in range(3):
-        await asyncio.gather(*[_call(handle, f"w{r}{i}", r, 48) for r in ("coder", "chat") for i in range(6)])
+    # warm-up: let both replicas measure both roles (exploration spreads the first requests); on a loaded
+    # machine this can take more rounds, so go on until each replica has seen each role (bounded)
+    for rnd in range(12):
+        await asyncio.gather(*[_call(handle, f"w{rnd}{r}{i}", r, 48) for r in ("coder", "chat") for i in range(6)])
+        seen = {m["rank"]: m["roles"] for m in [await handle.roles_measured.remote() for _ in range(8)]}
+        if rnd >= 2 and len(seen) == 2 and all(v.get(r, 0) >= 5 for v in seen.values() for r in ("coder", "chat")):
+            break
         await asyncio.sleep(0.7)
+    await asyncio.sleep(1.5)  # several stats periods: the router now holds both replicas' measurements
     results = await asyncio.gather(*[_call(handle, f"s{r}{i}", r) for r in ("coder", "chat") for i in range(10)])
     where = Counter((out["rank"], sid_role) for (out, _), sid_role in zip(results, ["coder"] * 10 + ["chat"] * 10))
     assert where[(0, "coder")] >= 8 and where[(1, "chat")] >= 8, where
