@@ -142,12 +142,7 @@ class Simulator:
         if rep.snapshot is None or now - rep.snapshot_t >= self.period:
             rep.snapshot, rep.snapshot_t = rep.stats(now), now
         s = RoutingStats(**{**rep.snapshot.__dict__})
-        recent = [need for t, need in self.inflight[rep.s.name] if t >= rep.snapshot_t]
-        if recent:
-            s.kv_free_tokens = max(0, s.kv_free_tokens - sum(recent))
-            slots = max(0, s.max_num_seqs - s.num_running)
-            s.num_running += min(len(recent), slots)
-            s.num_waiting += max(0, len(recent) - slots)
+        s.add_inflight([need for t, need in self.inflight[rep.s.name] if t >= rep.snapshot_t])
         return s
 
     def _route(self, r: Req, now: float) -> _Replica | None | str:

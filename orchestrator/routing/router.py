@@ -67,12 +67,7 @@ class SpecfleetRouter(RequestRouter):
         mine = self._inflight.get(s.replica_id, {})
         for iid in [i for i, (t, _) in mine.items() if t < time.time() - 600.0]:
             mine.pop(iid, None)  # completion lost: stop counting it after 10 minutes
-        recent = [need for t, need in self._inflight.get(s.replica_id, {}).values() if t >= s.updated_at - self._grace_s]
-        if recent:
-            s.kv_free_tokens = max(0, s.kv_free_tokens - sum(recent))
-            free_slots = max(0, s.max_num_seqs - s.num_running)
-            s.num_running += min(len(recent), free_slots)
-            s.num_waiting += max(0, len(recent) - free_slots)
+        s.add_inflight([need for t, need in mine.values() if t >= s.updated_at - self._grace_s])
         return s
 
     async def choose_replicas(

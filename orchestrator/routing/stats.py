@@ -46,6 +46,16 @@ class RoutingStats:
         return 1.0 - self.kv_free_tokens / self.kv_total_tokens
 
     # ---------------------------------------------------------------- (de)serialisation
+    def add_inflight(self, needs: list[int]) -> None:
+        """Count requests routed here since this report (each needing ``needs[i]`` KV tokens): they take
+        KV and running slots now, the rest queue. The router and the simulator both apply this."""
+        if not needs:
+            return
+        self.kv_free_tokens = max(0, self.kv_free_tokens - sum(needs))
+        slots = max(0, self.max_num_seqs - self.num_running)
+        self.num_running += min(len(needs), slots)
+        self.num_waiting += max(0, len(needs) - slots)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["step_ms_by_block"] = {str(k): float(v) for k, v in self.step_ms_by_block.items()}
