@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from workers.graph_runner import GraphRunner, bucket, pow2_buckets, reserve_scratch_block
-from workers.models.tiny import reference_greedy, tiny_engine
-from workers.params import SamplingParams, SpecParams
+from workers.models.tiny import greedy_outputs, reference_greedy, tiny_engine
+from workers.params import SpecParams
 from workers.runner import ModelRunner, SeqSlice, build_draft_inputs, build_step_inputs
 
 
@@ -124,16 +124,6 @@ REQS = [(list(range(5, 12)), 14), (list(range(20, 45)), 11), ([9, 4, 33], 16), (
         ([100, 101], 9)]
 
 
-def _generate(e, reqs, spec: SpecParams):
-    got = {str(i): [] for i in range(len(reqs))}
-    for i, (p, n) in enumerate(reqs):
-        e.add_request(str(i), p, SamplingParams(max_tokens=n, ignore_eos=True), spec)
-    while e.has_unfinished():
-        for o in e.step():
-            got[o.request_id] += o.new_token_ids
-    return [got[str(i)] for i in range(len(reqs))]
-
-
 @pytest.mark.parametrize("spec,nreq", [(SpecParams(enabled=False), 3), (SpecParams(True, 8), 1),
                                        (SpecParams(True, 8), 5)], ids=["ar-3", "spec-1", "spec-5"])
 def test_generation_matches_eager(eng, nreq, spec):
@@ -141,11 +131,11 @@ def test_generation_matches_eager(eng, nreq, spec):
     reqs = REQS[:nreq]
     oracle = [reference_greedy(e.lm.model, p, n) for p, n in reqs]
     eager_runner = e.runner
-    assert _generate(e, reqs, spec) == oracle
+    assert greedy_outputs(e, reqs, spec) == oracle
     g = graph_runner(e)
     e.runner = g
     try:
-        assert _generate(e, reqs, spec) == oracle
+        assert greedy_outputs(e, reqs, spec) == oracle
     finally:
         e.runner = eager_runner
     q = 8 if spec.enabled else 1
@@ -160,5 +150,5 @@ def test_engine_config_flag(eng):
     e, _ = tiny_engine(eng.dir, "qwen3", drafter_block=8, max_num_batched_tokens=64, max_num_seqs=6, cuda_graphs=True)
     assert isinstance(e.runner, GraphRunner) and e.runner.mode == "eager"
     reqs = REQS[:2]
-    assert _generate(e, reqs, SpecParams(True, 8)) == [reference_greedy(eng.lm.model, p, n) for p, n in reqs]
+    assert greedy_outputs(e, reqs, SpecParams(True, 8)) == [reference_greedy(eng.lm.model, p, n) for p, n in reqs]
     assert any(k[0] == "target" and k[2] == 8 for k in e.runner.hits)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from workers.graph_runner import enable_graphs
-from workers.models.tiny import make_tiny_hf_dir, reference_greedy, tiny_drafter
-from workers.params import SamplingParams, SpecParams
+from workers.models.tiny import greedy_outputs, make_tiny_hf_dir, reference_greedy, tiny_drafter
+from workers.params import SpecParams
 from workers.runner import SeqSlice, build_draft_inputs, build_step_inputs
 
 REQS = [(list(range(5, 12)), 20), (list(range(20, 45)), 13), ([9, 4, 33], 18), (list(range(70, 79)), 15),
@@ -31,29 +31,19 @@ def tiny_dir(tmp_path_factory):
     return make_tiny_hf_dir(tmp_path_factory.mktemp("gpu") / "m", "qwen3")
 
 
-def generate(e, reqs, spec):
-    got = {str(i): [] for i in range(len(reqs))}
-    for i, (p, n) in enumerate(reqs):
-        e.add_request(str(i), p, SamplingParams(max_tokens=n, ignore_eos=True), spec)
-    while e.has_unfinished():
-        for o in e.step():
-            got[o.request_id] += o.new_token_ids
-    return [got[str(i)] for i in range(len(reqs))]
-
-
 @pytest.mark.parametrize("nreq", [1, 3, 5])
 @pytest.mark.parametrize("spec", [SpecParams(enabled=False), SpecParams(True, 8)], ids=["ar", "spec"])
 def test_captured_matches_eager(tiny_dir, nreq, spec):
     e, lm = make_engine(tiny_dir)
     reqs = REQS[:nreq]
-    eager = generate(e, reqs, spec)
+    eager = greedy_outputs(e, reqs, spec)
     from workers.models.loader import load_model
 
     cpu = load_model(tiny_dir, "float32", "cpu").model
     assert eager == [reference_greedy(cpu, p, n) for p, n in reqs]
     g = enable_graphs(e)
     assert g.mode == "graph"
-    assert generate(e, reqs, spec) == eager
+    assert greedy_outputs(e, reqs, spec) == eager
     assert g.graphs and all(sg.graph is not None for sg in g.graphs.values())
     assert any(n for k, n in g.hits.items() if k[0] == "target" and k[1] >= nreq)
 
@@ -118,6 +108,6 @@ def test_bench_smoke_on_gpu(tmp_path):
 def test_compiled_graphs_match_eager(tiny_dir):
     e, _ = make_engine(tiny_dir)
     reqs = REQS[:3]
-    eager = generate(e, reqs, SpecParams(True, 8))
+    eager = greedy_outputs(e, reqs, SpecParams(True, 8))
     enable_graphs(e, compile=True)
-    assert generate(e, reqs, SpecParams(True, 8)) == eager
+    assert greedy_outputs(e, reqs, SpecParams(True, 8)) == eager

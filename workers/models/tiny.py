@@ -123,3 +123,16 @@ def tiny_engine(path: str | Path, family: str = "llama", drafter_block: int | No
     cfg = EngineConfig(model=str(d), device="cpu", kv_block_size=cfg_overrides.pop("kv_block_size", 4),
                        **cfg_overrides)
     return LLMEngine(cfg, model=lm.model, drafter=dr, tokenizer=lm.tokenizer), lm
+
+
+def greedy_outputs(engine, reqs: list[tuple[list[int], int]], spec) -> list[list[int]]:
+    """Run ``reqs`` [(prompt ids, n new tokens)] through ``engine`` to the end (EOS ignored) -> tokens per request."""
+    from workers.params import SamplingParams
+
+    got: dict[str, list[int]] = {str(i): [] for i in range(len(reqs))}
+    for i, (p, n) in enumerate(reqs):
+        engine.add_request(str(i), p, SamplingParams(max_tokens=n, ignore_eos=True), spec)
+    while engine.has_unfinished():
+        for o in engine.step():
+            got[o.request_id] += o.new_token_ids
+    return [got[str(i)] for i in range(len(reqs))]
