@@ -31,7 +31,7 @@ from workers.stats import StatsTracker
 class EngineConfig:
     model: str  # HF model dir (config.json + *.safetensors [+ index]) or a .gguf file
     drafter: str | None = None  # DFlash checkpoint dir in z-lab format; None = AR only
-    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    dtype: str = "auto"  # auto: bfloat16 on CUDA and on CPUs with AMX / AVX512-BF16, else float32
     device: str = "auto"  # "cpu" | "cuda" | "cuda:N"
     max_num_seqs: int = 16
     max_num_batched_tokens: int = 2048
@@ -62,7 +62,9 @@ class LLMEngine:
 
         self.config = cfg
         self.device = resolve_device(cfg.device)
-        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        # a model passed in (tests, TP ranks) keeps its own dtype under "auto"
+        self.dtype = (next(model.parameters()).dtype if model is not None and cfg.dtype == "auto"
+                      else resolve_dtype(cfg.dtype, self.device))
         if model is None:
             loaded = load_model(cfg.model, self.dtype, str(self.device))
             model, tokenizer = loaded.model, loaded.tokenizer

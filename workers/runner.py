@@ -125,7 +125,11 @@ class ModelRunner:
         """-> drafter logits [B, Q-1, V] fp32 for block positions 1..Q-1."""
         emb = self.model.embed(d.block_ids)  # [B, Q, H]
         h = self.drafter.propose_hidden(emb, d.positions, self.pool.drafter, d.block_tables, d.mask)
-        return self.model.logits(h[:, 1:]).float()
+        b, q, hid = h.shape
+        # one contiguous 2-D [B*(Q-1), H] matmul: lm_head on the strided 3-D view h[:, 1:] runs as a bmm
+        # over a materialised copy of the [V, H] weight (61% of a speculative step's CPU time)
+        rows = h[:, 1:].reshape(b * (q - 1), hid)
+        return self.model.logits(rows).float().view(b, q - 1, -1)
 
     @torch.inference_mode()
     def write_context(self, feats: torch.Tensor, rows: list[int], positions: list[int], slots: list[int]):

@@ -67,3 +67,13 @@ def test_gguf_smollm2_matches_transformers():
     with torch.no_grad():
         diff = (loaded.model(ids) - hf(ids).logits).abs().max().item()
     assert diff < 1e-3, diff
+
+
+def test_auto_dtype_is_bf16_only_where_the_cpu_has_native_bf16():
+    from workers.models.loader import cpu_has_native_bf16
+
+    amx = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512bw amx_bf16 amx_tile\n"
+    avx512bf16 = "flags\t\t: fpu avx2 avx512f avx512_bf16\n"
+    plain = "flags\t\t: fpu sse avx2 avx512f avx512bw\n"
+    assert cpu_has_native_bf16(amx) and cpu_has_native_bf16(avx512bf16)
+    assert not cpu_has_native_bf16(plain) and not cpu_has_native_bf16("")

@@ -111,8 +111,8 @@ async def test_tp2_equals_tp1_and_survives_a_killed_rank(ray8, tmp_path):
     path = make_tiny_hf_dir(tmp_path / "target", "llama")
     d = tiny_drafter(load_model(path, "float32", "cpu").config, num_layers=1, block_size=8)
     save_drafter(d, tmp_path / "drafter")
-    cfg = EngineConfig(model=str(path), drafter=str(tmp_path / "drafter"), device="cpu",
-                       kv_cache_bytes=8 << 20, max_num_seqs=4)
+    cfg = EngineConfig(model=str(path), drafter=str(tmp_path / "drafter"), device="cpu", dtype="float32",
+                       kv_cache_bytes=8 << 20, max_num_seqs=4)  # fp32: TP=2 == TP=1 exactly
     prompts = [[5, 9, 17, 33], [7, 7, 100, 12, 40, 41]]
 
     ref_group = await ReplicaGroup(cfg, tp=1).start()  # in-process TP=1 reference

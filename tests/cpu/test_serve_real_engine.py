@@ -31,7 +31,7 @@ def _reference(target: str, drafter: str) -> str:
     from workers.params import SamplingParams
 
     async def run():
-        g = await ReplicaGroup(EngineConfig(model=target, drafter=drafter, device="cpu", kv_cache_bytes=8 << 20,
+        g = await ReplicaGroup(EngineConfig(model=target, drafter=drafter, device="cpu", dtype="float32", kv_cache_bytes=8 << 20,
                                             max_num_seqs=4), tp=1).start()
         try:
             outs = [o async for o in g.generate("ref", PROMPT, SamplingParams(max_tokens=12, ignore_eos=True))]
@@ -50,7 +50,7 @@ def test_tp2_replica_serves_the_reference_tokens(pair):
     tmp, target, drafter = pair
     want = _reference(target, drafter)
     cfg = ServeConfig.model_validate({
-        "model": {"target": target, "drafter": drafter, "block_size": 8, "device": "cpu"},
+        "model": {"target": target, "drafter": drafter, "block_size": 8, "device": "cpu", "dtype": "float32"},
         "replicas": [{"count": 1, "tp": 2, "kv_cache_bytes": 8 << 20, "max_num_seqs": 4}],
         "persistence": {"sqlite_path": str(tmp / "s.sqlite")}, "auth": {"keys_env": None},
         "http": {"port": 18761}, "ray": {"num_cpus": 4},

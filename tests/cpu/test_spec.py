@@ -115,7 +115,8 @@ def test_trained_drafter_lossless():
     target = Path("~/.cache/specfleet/models/smollm2-135m-instruct").expanduser()
     if not (TRAINED / "config.json").is_file() or not (target / "config.json").is_file():
         pytest.skip("trained drafter or SmolLM2 HF directory not available")
-    eng = LLMEngine(EngineConfig(model=str(target), drafter=str(TRAINED), device="cpu", max_model_len=1024))
+    eng = LLMEngine(EngineConfig(model=str(target), drafter=str(TRAINED), device="cpu", dtype="float32",
+                                 max_model_len=1024))  # fp32: the equality is exact (bf16 differs by numerics)
     from orchestrator.commands.generate import encode_prompt
 
     prompt = encode_prompt(eng.tokenizer, "Write a Python function that adds two numbers.", chat=True)
