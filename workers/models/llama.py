@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.models.attention import AttnMetadata, paged_attention, write_kv
+import dataclasses
+
+from workers.models.attention import AttnMetadata, attn_bias, paged_attention, write_kv
 from workers.models.config import ModelConfig, rope_table
 
 
@@ -57,13 +59,25 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * hd, h, bias=cfg.o_bias)
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.fused_qkv: nn.Module | None = None  # one GEMM for q/k/v, set by workers/models/packed.py
 
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x [..., H] -> q [..., nh, hd], k/v [..., kvh, hd] (q, k normed and rotated)."""
         lead = x.shape[:-1]
-        q = self.q_proj(x).view(*lead, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
+        nq, nkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        if self.fused_qkv is not None:
+            qkv = self.fused_qkv(x)  # [..., nq + 2 nkv]
+            if self.q_norm is None:  # q and k side by side: one RoPE over [..., nh + kvh, hd]
+                qk = apply_rope(qkv[..., : nq + nkv].reshape(*lead, self.num_heads + self.num_kv_heads, self.head_dim),
+                                cos, sin)
+                v = qkv[..., nq + nkv:].reshape(*lead, self.num_kv_heads, self.head_dim)
+                return qk[..., : self.num_heads, :], qk[..., self.num_heads:, :], v
+            q, k, v = qkv.split([nq, nkv, nkv], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(*lead, self.num_heads, self.head_dim)
+        k = k.view(*lead, self.num_kv_heads, self.head_dim)
+        v = v.view(*lead, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
@@ -91,9 +105,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(h, inter, bias=bias)
         self.up_proj = nn.Linear(h, inter, bias=bias)
         self.down_proj = nn.Linear(inter, h, bias=bias)
+        self.fused_gate_up: nn.Module | None = None  # one GEMM for gate/up, set by workers/models/packed.py
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.fused_gate_up is not None:
+            gate, up = self.fused_gate_up(x).chunk(2, dim=-1)  # [..., 2I] -> 2 x [..., I]
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -187,6 +206,7 @@ class CausalLM(nn.Module):
         cos, sin = rope_cos_sin(self.rope, positions)
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        meta = dataclasses.replace(meta, mask=attn_bias(meta.mask, x.dtype))  # once, shared by every layer
         want, captured = set(capture_layers), {}
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, kv=kv_caches[i], meta=meta)
