@@ -20,7 +20,7 @@ def measure(engine, prompts, temperature: float, max_tokens: int, block_size: in
     """Run every prompt through ``engine`` (all queued at once; the engine batches) and tally acceptance."""
     from tqdm import tqdm
 
-    from workers.params import SamplingParams, SpecParams
+    from workers.engine.params import SamplingParams, SpecParams
     from workers.training.generate import chat_prompt_ids
 
     tok = engine.tokenizer
@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from workers import hub
-    from workers.engine import EngineConfig, LLMEngine
+    from workers.engine.config import EngineConfig
+    from workers.engine.llm_engine import LLMEngine
     from workers.training.prompts import build_prompts
 
     if args.threads:

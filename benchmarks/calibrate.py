@@ -21,7 +21,7 @@ from benchmarks.stepmodel import LinearStepModel, fit_line
 def _random_drafter(target_dir: str, out_dir: str, layers: int = 2, block: int = 16) -> str:
     import torch
 
-    from workers.drafter import DFlashDrafter, DrafterConfig, save_drafter
+    from workers.models.dflash import DFlashDrafter, DrafterConfig, save_drafter
     from workers.models.loader import load_model
 
     cfg = load_model(target_dir, "float32", "cpu").model.config
@@ -33,7 +33,7 @@ def _random_drafter(target_dir: str, out_dir: str, layers: int = 2, block: int =
 
 def measure(engine, batch: int, spec, prompt_len: int, new_tokens: int) -> tuple[float, float]:
     """(median decode step s, prefill step s) for `batch` sequences."""
-    from workers.params import SamplingParams
+    from workers.engine.params import SamplingParams
 
     for i in range(batch):
         ids = [(17 + 31 * i + 7 * j) % 5000 + 100 for j in range(prompt_len)]
@@ -64,8 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from orchestrator.config import cache_dir
-    from workers.engine import EngineConfig, LLMEngine
-    from workers.params import SpecParams
+    from workers.engine.config import EngineConfig
+    from workers.engine.llm_engine import LLMEngine
+    from workers.engine.params import SpecParams
 
     torch.set_num_threads(a.threads)
     target = a.target or str(cache_dir() / "models" / "smollm2-135m-instruct")

@@ -12,11 +12,12 @@ import time
 
 import torch
 
-from workers.engine import EngineConfig, LLMEngine
-from workers.graph_runner import enable_graphs
+from tests.helpers.tiny import make_tiny_hf_dir, tiny_drafter
+from workers.engine.config import EngineConfig
+from workers.engine.graph_runner import enable_graphs
+from workers.engine.llm_engine import LLMEngine
+from workers.engine.params import SamplingParams, SpecParams
 from workers.models.loader import load_model
-from workers.models.tiny import make_tiny_hf_dir, tiny_drafter
-from workers.params import SamplingParams, SpecParams
 
 REQS = [(list(range(5, 12)), 14), (list(range(20, 45)), 11), ([9, 4, 33], 16), (list(range(70, 79)), 12),
         ([100, 101], 9)]

@@ -68,7 +68,7 @@ def bench_hf(model_dir: str, prompts: list[list[int]], batch: int, max_tokens: i
 
 
 def bench_engine(eng, prompts: list[list[int]], batch: int, max_tokens: int, spec) -> dict:
-    from workers.params import SamplingParams
+    from workers.engine.params import SamplingParams
 
     sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
 
@@ -95,7 +95,7 @@ def profile_ar(eng, prompt: list[int], steps: int) -> int:
     """Where an AR decode step's CPU time goes (batch 1)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from workers.params import SamplingParams, SpecParams
+    from workers.engine.params import SamplingParams, SpecParams
 
     eng.add_request("prof", prompt, SamplingParams(max_tokens=steps + 6, ignore_eos=True), SpecParams(enabled=False))
     for _ in range(5):
@@ -128,8 +128,9 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from orchestrator.commands.generate import resolve_model_path
-    from workers.engine import EngineConfig, LLMEngine
-    from workers.params import SpecParams
+    from workers.engine.config import EngineConfig
+    from workers.engine.llm_engine import LLMEngine
+    from workers.engine.params import SpecParams
 
     model_dir = resolve_model_path(args.model)
     batches = [int(b) for b in args.batches.split(",")]

@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     import torch
 
-    from workers.drafter import DFlashDrafter, DrafterConfig, save_drafter
+    from workers.models.dflash import DFlashDrafter, DrafterConfig, save_drafter
 
     ck = torch.load(Path(a.ckpt).expanduser(), map_location="cpu", weights_only=False)
     names = {f.name for f in dataclasses.fields(DrafterConfig)}

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from workers.graph_runner import GraphRunner, reserve_scratch_block
-from workers.kv_cache import BlockManager, KVPool
-from workers.runner import ModelRunner, SeqSlice, build_draft_inputs, build_step_inputs
+from workers.engine.graph_runner import GraphRunner, reserve_scratch_block
+from workers.engine.kv_cache import BlockManager, KVPool
+from workers.engine.runner import ModelRunner, SeqSlice, build_draft_inputs, build_step_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -181,9 +181,10 @@ def _fmt(r: dict) -> str:
 def e2e_tokens_per_s(target: str, drafter: str | None, device: str, dtype: str, concurrency: list[int],
                      max_tokens: int, graphs: bool, model=None, drafter_mod=None, tokenizer=None) -> list[dict]:
     """Real engine runs, greedy: AR vs DFlash tokens/s at each concurrency, and the measured tau."""
-    from workers.engine import EngineConfig, LLMEngine
-    from workers.graph_runner import enable_graphs
-    from workers.params import SamplingParams, SpecParams
+    from workers.engine.config import EngineConfig
+    from workers.engine.graph_runner import enable_graphs
+    from workers.engine.llm_engine import LLMEngine
+    from workers.engine.params import SamplingParams, SpecParams
 
     max_len = min(1024, (model.config if model is not None else None).max_position_embeddings) if model else 1024
     cfg = EngineConfig(model=target, drafter=drafter, device=device, dtype=dtype, max_num_seqs=max(concurrency),

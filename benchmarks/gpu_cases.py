@@ -38,8 +38,8 @@ class Case:
 
 
 def _tiny_cfg(family: str):
+    from tests.helpers.tiny import tiny_hf_config
     from workers.models.config import ModelConfig
-    from workers.models.tiny import tiny_hf_config
 
     return ModelConfig.from_hf(tiny_hf_config(family, num_hidden_layers=4, vocab_size=256))
 
@@ -70,13 +70,13 @@ def build_cases(a, device: torch.device) -> Iterator[Case]:
 
 
 def _demo_case(a, device: torch.device, dtype: torch.dtype) -> Case:
-    from workers.drafter import load_drafter
     from workers.hub import model_dir
     from workers.models.config import ModelConfig
+    from workers.models.dflash import load_drafter
     from workers.models.init import load_model_fast, random_drafter, random_model
 
     if a.smoke:  # a tiny random pair through the real engine: exercises the end-to-end path
-        from workers.models.tiny import tiny_drafter
+        from tests.helpers.tiny import tiny_drafter
 
         cfg = _tiny_cfg("llama")
         model = random_model(cfg, device, dtype, seed=2)

@@ -28,8 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.workload import ROLES, WorkloadConfig, generate
     from orchestrator.config import cache_dir
     from orchestrator.routing.score import alpha_from_tau
-    from workers.engine import EngineConfig, LLMEngine
-    from workers.params import SamplingParams
+    from workers.engine.config import EngineConfig
+    from workers.engine.llm_engine import LLMEngine
+    from workers.engine.params import SamplingParams
 
     torch.set_num_threads(a.threads)
     target = a.target or str(cache_dir() / "models" / "smollm2-135m-instruct")

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from orchestrator.routing.baselines import hash_order
 from orchestrator.routing.score import RouteRequest, RouterWeights, rank
 from orchestrator.routing.stats import RoutingStats
-from workers.params import SpecParams
+from workers.engine.params import SpecParams
 
 EWMA = 0.2
 

@@ -16,7 +16,7 @@ import time
 
 
 async def _generate(group, prompt, n):
-    from workers.params import SamplingParams
+    from workers.engine.params import SamplingParams
 
     t0 = time.perf_counter()
     toks, first = [], None
@@ -35,7 +35,7 @@ async def run(model: str, tp: int, tokens: int, drafter: str | None, prompt_text
     import ray
 
     from cluster.placement import ReplicaGroup
-    from workers.engine import EngineConfig
+    from workers.engine.config import EngineConfig
 
     if model == "smollm2":
         from workers import hub

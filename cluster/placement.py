@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from cluster.rank_actors import RankInfo, kill_ranks, remove_group, reserve_bundles, spawn_ranks, wait_with_progress
-from workers.params import EngineStats, NoCapacity, RequestOutput
+from workers.engine.params import EngineStats, NoCapacity, RequestOutput
 
 log = logging.getLogger("specfleet.placement")
 DEFAULT_BUNDLE = {"GPU": 1, "CPU": 1}
@@ -83,7 +83,7 @@ class ReplicaGroup:
         if self._ready is None:
             self._ready, self._restart_lock = asyncio.Event(), asyncio.Lock()
         if self.in_process:
-            from workers.async_engine import AsyncLLMEngine
+            from workers.engine.async_engine import AsyncLLMEngine
 
             self.engine = await asyncio.to_thread(AsyncLLMEngine, self.engine_cfg)
             self._adopt_info(self.engine.tokenizer, self.engine.max_model_len, self.engine.eos_token_ids)
@@ -294,7 +294,7 @@ class ReplicaGroup:
 
 
 def _is_typed(err: BaseException) -> bool:
-    from workers.params import EngineError
+    from workers.engine.params import EngineError
 
     return isinstance(err, EngineError)
 

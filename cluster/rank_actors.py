@@ -6,7 +6,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-from workers.params import NoCapacity
+from workers.engine.params import NoCapacity
 
 
 @dataclass

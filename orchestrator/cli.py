@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # user-facing errors carry a clear message, no traceback
-        from workers.params import EngineError
+        from workers.engine.params import EngineError
 
         if isinstance(exc, (EngineError, FileNotFoundError, ValueError)):
             print(f"specfleet {args.command}: error: {exc}", file=sys.stderr)

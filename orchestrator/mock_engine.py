@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from orchestrator.config import MockProfile
-from workers.params import (
+from workers.engine.params import (
     EngineError,
     EngineStats,
     InvalidRequest,

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from orchestrator.config import ReplicaSpec, ServeConfig
-from workers.params import EngineError, InvalidRequest, NoCapacity, SamplingParams, SpecParams
+from workers.engine.params import EngineError, InvalidRequest, NoCapacity, SamplingParams, SpecParams
 
 log = logging.getLogger("specfleet.replica")
 RECENT_SESSIONS = 1024
@@ -57,7 +57,7 @@ async def build_engine(cfg: ServeConfig, spec: ReplicaSpec) -> tuple[Any, bool]:
         no_drafter = (spec.drafter if spec.drafter is not None else cfg.model.drafter) in (None, "none", "")
         engine = MockEngine(spec.mock, block_size=block, max_num_seqs=spec.max_num_seqs, speculative=not no_drafter)
         return engine, not no_drafter
-    from workers.engine import EngineConfig
+    from workers.engine.config import EngineConfig
 
     target, drafter = await asyncio.to_thread(resolve_paths, cfg, spec)
     ecfg = EngineConfig(
@@ -79,7 +79,7 @@ async def build_engine(cfg: ServeConfig, spec: ReplicaSpec) -> tuple[Any, bool]:
         return group, drafter is not None
     if tp != 1:
         raise ValueError(f"tp={tp} needs cluster.placement.ReplicaGroup, which is not available")
-    from workers.engine import AsyncLLMEngine
+    from workers.engine.async_engine import AsyncLLMEngine
 
     return await asyncio.to_thread(AsyncLLMEngine, ecfg), drafter is not None
 

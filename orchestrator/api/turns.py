@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator
 from orchestrator.api.errors import APIError, too_many
 from orchestrator.api.state import ServerState
 from orchestrator.routing.decisions import pop_decision, route_hints
-from workers.params import SpecParams
+from workers.engine.params import SpecParams
 
 log = logging.getLogger("specfleet.api")
 ATTEMPTS = 3

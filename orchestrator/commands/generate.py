@@ -50,8 +50,9 @@ def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from workers.engine import EngineConfig, LLMEngine
-    from workers.params import SamplingParams, SpecParams
+    from workers.engine.config import EngineConfig
+    from workers.engine.llm_engine import LLMEngine
+    from workers.engine.params import SamplingParams, SpecParams
 
     if args.drafter is not None and not Path(args.drafter).expanduser().is_dir():
         raise FileNotFoundError(f"drafter directory {args.drafter!r} does not exist")

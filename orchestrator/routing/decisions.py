@@ -15,7 +15,7 @@ from typing import Any
 
 from orchestrator.routing.score import Choice, RouteRequest, RouterWeights, rank
 from orchestrator.routing.stats import RoutingStats
-from workers.params import SpecParams
+from workers.engine.params import SpecParams
 
 ROUTE_KWARG = "route"
 _UNKNOWN_KV = 1 << 40  # a replica that has not reported yet: assume room, let its engine decide

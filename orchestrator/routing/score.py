@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, ConfigDict, Field
 
 from orchestrator.routing.stats import RoutingStats
-from workers.params import SpecParams
+from workers.engine.params import SpecParams
 
 REASONS = ("only", "headroom", "affinity", "explore", "acceptance", "load")
 

@@ -86,7 +86,7 @@ class RoutingStats:
     def from_engine(
         cls,
         replica_id: str,
-        stats: Any,  # workers.params.EngineStats
+        stats: Any,  # workers.engine.params.EngineStats
         telemetry: dict[str, Any] | None = None,
         cached_sessions: list[str] | None = None,
         *,

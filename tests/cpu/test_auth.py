@@ -7,7 +7,7 @@ import pytest
 
 from orchestrator.api.auth import KeyRing, fingerprint
 from orchestrator.api.errors import APIError
-from tests.cpu._serving import asgi_client, inproc_app, mock_config
+from tests.helpers.serving import asgi_client, inproc_app, mock_config
 
 BODY = {"model": "specfleet-demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 

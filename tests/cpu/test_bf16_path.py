@@ -12,11 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers.engine import EngineConfig, LLMEngine
+from tests.helpers.tiny import make_tiny_hf_dir, reference_greedy, tiny_drafter
+from workers.engine.config import EngineConfig
+from workers.engine.llm_engine import LLMEngine
+from workers.engine.params import SamplingParams, SpecParams
 from workers.models.loader import load_model
 from workers.models.packed import can_pack, is_packed, pack_for_cpu
-from workers.models.tiny import make_tiny_hf_dir, reference_greedy, tiny_drafter
-from workers.params import SamplingParams, SpecParams
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from workers.drafter import DFlashDrafter, load_drafter, save_drafter
+from tests.helpers.tiny import tiny_drafter, tiny_hf_config
+from workers.engine.params import IncompatibleDrafter
 from workers.models.config import ModelConfig
-from workers.models.tiny import tiny_drafter, tiny_hf_config
-from workers.params import IncompatibleDrafter
+from workers.models.dflash import DFlashDrafter, load_drafter, save_drafter
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

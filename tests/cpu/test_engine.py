@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from workers.async_engine import AsyncLLMEngine
-from workers.detokenize import IncrementalDetokenizer
-from workers.models.tiny import reference_greedy, tiny_engine
-from workers.params import InvalidRequest, NoCapacity, SamplingParams, SpecParams
+from tests.helpers.tiny import reference_greedy, tiny_engine
+from workers.engine.async_engine import AsyncLLMEngine
+from workers.engine.detokenize import IncrementalDetokenizer
+from workers.engine.params import InvalidRequest, NoCapacity, SamplingParams, SpecParams
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

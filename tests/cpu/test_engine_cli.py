@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.cli import main
-from workers.drafter import save_drafter
+from tests.helpers.tiny import make_tiny_hf_dir, tiny_drafter
+from workers.models.dflash import save_drafter
 from workers.models.loader import load_model
-from workers.models.tiny import make_tiny_hf_dir, tiny_drafter
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

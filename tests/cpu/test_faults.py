@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from orchestrator.mock_engine import MockEngine
-from tests.cpu._serving import asgi_client, inproc_app, mock_config, wait_healthy
+from tests.helpers.serving import asgi_client, inproc_app, mock_config, wait_healthy
 
 CHAT = "/v1/chat/completions"
 MODEL = "specfleet-demo"

@@ -23,7 +23,7 @@ schemathesis = pytest.importorskip("schemathesis")
 uvicorn = pytest.importorskip("uvicorn")
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-from tests.cpu._serving import inproc_app, mock_config  # noqa: E402
+from tests.helpers.serving import inproc_app, mock_config  # noqa: E402
 
 pytestmark = pytest.mark.slow  # ~20-35 s on the 2-core CI machine; essential (issue 8), kept in the suite
 FUZZ_EXAMPLES = int(os.environ.get("SPECFLEET_FUZZ_EXAMPLES", "20"))

@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers.graph_runner import GraphRunner, bucket, pow2_buckets, reserve_scratch_block
-from workers.models.tiny import greedy_outputs, reference_greedy, tiny_engine
-from workers.params import SpecParams
-from workers.runner import ModelRunner, SeqSlice, build_draft_inputs, build_step_inputs
+from tests.helpers.tiny import greedy_outputs, reference_greedy, tiny_engine
+from workers.engine.graph_runner import GraphRunner, bucket, pow2_buckets, reserve_scratch_block
+from workers.engine.params import SpecParams
+from workers.engine.runner import ModelRunner, SeqSlice, build_draft_inputs, build_step_inputs
 
 
 def test_buckets():

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from workers.models.init import (config_from_preset, load_model_fast, meta_model, random_drafter, random_model)
+from tests.helpers.tiny import make_tiny_hf_model
 from workers.models.loader import load_model
-from workers.models.tiny import make_tiny_hf_model
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])  # untied / tied embeddings

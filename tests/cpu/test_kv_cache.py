@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers.kv_cache import BlockManager
+from tests.helpers.tiny import tiny_engine
+from workers.engine.kv_cache import BlockManager
+from workers.engine.params import SamplingParams, SpecParams
 from workers.models.attention import gather_kv
-from workers.models.tiny import tiny_engine
-from workers.params import SamplingParams, SpecParams
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.cpu._serving import asgi_client, inproc_app, mock_config
+from tests.helpers.serving import asgi_client, inproc_app, mock_config
 
 CHAT = "/v1/chat/completions"
 

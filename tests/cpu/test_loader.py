@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers.tiny import make_tiny_hf_model
 from workers.models.config import ModelConfig, read_rope
 from workers.models.loader import load_model
-from workers.models.tiny import make_tiny_hf_model
 
 
 def test_sharded_checkpoint_loads(tmp_path):

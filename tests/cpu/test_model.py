@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.helpers.tiny import make_tiny_hf_dir, make_tiny_hf_model
 from workers.models.attention import AttnMetadata
 from workers.models.loader import load_model
-from workers.models.tiny import make_tiny_hf_dir, make_tiny_hf_model
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -58,7 +58,7 @@ def _check_placed(groups, planned):
 
 async def test_plans_are_placed_on_logical_gpus(ray8):
     node = get_node("dgx-b300")
-    from workers.engine import EngineConfig
+    from workers.engine.config import EngineConfig
 
     cfg = EngineConfig(model="unused-for-placement")
     for name in ("qwen3-8b", "gpt-oss-120b"):
@@ -82,7 +82,7 @@ async def test_plans_are_placed_on_logical_gpus(ray8):
         assert len(_check_placed(groups, tp4 + tp2)) == 8
         # the node is full: one more GPU group cannot be placed, and says so
         extra = ReplicaGroup(cfg, tp=1, in_process=False, place_timeout_s=2, progress=False)
-        from workers.params import NoCapacity
+        from workers.engine.params import NoCapacity
 
         with pytest.raises(NoCapacity, match="cannot place"):
             await extra.place()
@@ -91,7 +91,7 @@ async def test_plans_are_placed_on_logical_gpus(ray8):
 
 
 async def _greedy(group, rid, prompt, n=20):
-    from workers.params import SamplingParams
+    from workers.engine.params import SamplingParams
 
     toks, accepted = [], []
     async for out in group.generate(rid, prompt, SamplingParams(max_tokens=n, ignore_eos=True)):
@@ -102,11 +102,11 @@ async def _greedy(group, rid, prompt, n=20):
 
 
 async def test_tp2_equals_tp1_and_survives_a_killed_rank(ray8, tmp_path):
-    from workers.drafter import save_drafter
-    from workers.engine import EngineConfig
+    from tests.helpers.tiny import make_tiny_hf_dir, tiny_drafter
+    from workers.engine.config import EngineConfig
+    from workers.engine.params import InvalidRequest, SamplingParams
+    from workers.models.dflash import save_drafter
     from workers.models.loader import load_model
-    from workers.models.tiny import make_tiny_hf_dir, tiny_drafter
-    from workers.params import InvalidRequest, SamplingParams
 
     path = make_tiny_hf_dir(tmp_path / "target", "llama")
     d = tiny_drafter(load_model(path, "float32", "cpu").config, num_layers=1, block_size=8)

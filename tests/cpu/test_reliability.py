@@ -14,7 +14,7 @@ import httpx
 import pytest
 import uvicorn
 
-from tests.cpu._serving import inproc_app, mock_config
+from tests.helpers.serving import inproc_app, mock_config
 
 MODEL = "specfleet-demo"
 AUTH = {"authorization": "Bearer key-a"}

@@ -19,7 +19,7 @@ from orchestrator.config import MockProfile  # noqa: E402
 from orchestrator.mock_engine import MockEngine  # noqa: E402
 from orchestrator.routing.router import get_decision, route_hints, spec_for_replica  # noqa: E402
 from orchestrator.routing.stats import RoutingStats  # noqa: E402
-from workers.params import SamplingParams  # noqa: E402
+from workers.engine.params import SamplingParams  # noqa: E402
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from orchestrator.routing.stats import RoutingStats
-from workers.params import EngineStats
+from workers.engine.params import EngineStats
 
 
 def test_round_trip_through_json():

@@ -1,9 +1,9 @@
 """Scheduler (torch-free): budgets, chunked prefill, continuous batching, spec block clipping."""
 from __future__ import annotations
 
-from workers.kv_cache import BlockManager
-from workers.params import SamplingParams
-from workers.scheduler import Scheduler, Sequence
+from workers.engine.kv_cache import BlockManager
+from workers.engine.params import SamplingParams
+from workers.engine.scheduler import Scheduler, Sequence
 
 
 def seq(rid, n_prompt, max_tokens=8, block=1):

@@ -7,7 +7,7 @@ import pytest
 
 from orchestrator.routing.score import RouteRequest, RouterWeights, alpha_from_tau, rank, tau_at_block
 from orchestrator.routing.stats import RoutingStats
-from workers.params import SpecParams
+from workers.engine.params import SpecParams
 
 
 def replica(rid, **kw):

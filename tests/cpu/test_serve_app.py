@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from orchestrator.app import start_local, stop_local
-from tests.cpu._serving import mock_config, wait_healthy
+from tests.helpers.serving import mock_config, wait_healthy
 
 pytestmark = pytest.mark.ray
 MODEL = "specfleet-demo"

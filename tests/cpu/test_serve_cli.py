@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from tests.cpu._serving import wait_healthy
+from tests.helpers.serving import wait_healthy
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 PORT = 18742

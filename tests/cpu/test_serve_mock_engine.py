@@ -7,7 +7,7 @@ import pytest
 
 from orchestrator.config import MockProfile
 from orchestrator.mock_engine import MockEngine
-from workers.params import InvalidRequest, NoCapacity, SamplingParams, SpecParams
+from workers.engine.params import InvalidRequest, NoCapacity, SamplingParams, SpecParams
 
 
 async def _collect(engine, rid, prompt, sampling, spec=None, tags=None):

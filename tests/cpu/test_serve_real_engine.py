@@ -14,9 +14,9 @@ PROMPT = [5, 9, 17, 33, 40]
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    from workers.drafter import save_drafter
+    from tests.helpers.tiny import make_tiny_hf_dir, tiny_drafter
+    from workers.models.dflash import save_drafter
     from workers.models.loader import load_model
-    from workers.models.tiny import make_tiny_hf_dir, tiny_drafter
 
     tmp = tmp_path_factory.mktemp("tiny")
     target = make_tiny_hf_dir(tmp / "target", "llama")
@@ -27,8 +27,8 @@ def pair(tmp_path_factory):
 
 def _reference(target: str, drafter: str) -> str:
     from cluster.placement import ReplicaGroup
-    from workers.engine import EngineConfig
-    from workers.params import SamplingParams
+    from workers.engine.config import EngineConfig
+    from workers.engine.params import SamplingParams
 
     async def run():
         g = await ReplicaGroup(EngineConfig(model=target, drafter=drafter, device="cpu", dtype="float32", kv_cache_bytes=8 << 20,

@@ -1,7 +1,7 @@
 """Session endpoints (in-process app): lifecycle, turns with x-session-id, ownership 404s, teams."""
 from __future__ import annotations
 
-from tests.cpu._serving import asgi_client, inproc_app, mock_config
+from tests.helpers.serving import asgi_client, inproc_app, mock_config
 
 CHAT = "/v1/chat/completions"
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from workers.models.tiny import reference_greedy, tiny_drafter, tiny_engine
-from workers.params import SamplingParams, SpecParams
+from tests.helpers.tiny import reference_greedy, tiny_drafter, tiny_engine
+from workers.engine.params import SamplingParams, SpecParams
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -110,7 +110,8 @@ TRAINED = Path(__file__).resolve().parents[2] / "models" / "smollm2-135m-dflash-
 @pytest.mark.demo
 @pytest.mark.slow
 def test_trained_drafter_lossless():
-    from workers.engine import EngineConfig, LLMEngine
+    from workers.engine.config import EngineConfig
+    from workers.engine.llm_engine import LLMEngine
 
     target = Path("~/.cache/specfleet/models/smollm2-135m-instruct").expanduser()
     if not (TRAINED / "config.json").is_file() or not (target / "config.json").is_file():

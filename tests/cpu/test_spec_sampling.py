@@ -13,9 +13,9 @@ import pytest
 import torch
 from scipy.stats import chi2
 
-from workers.models.tiny import tiny_engine
-from workers.params import SamplingParams, SpecParams
-from workers.sampling import RowParams, processed_probs
+from tests.helpers.tiny import tiny_engine
+from workers.engine.params import SamplingParams, SpecParams
+from workers.engine.sampling import RowParams, processed_probs
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

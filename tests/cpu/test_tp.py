@@ -12,8 +12,8 @@ import socket
 import pytest
 import torch
 
-from workers.models.tiny import make_tiny_hf_dir
-from workers.tp import check_tp, kv_heads_of
+from tests.helpers.tiny import make_tiny_hf_dir
+from workers.dist.tp import check_tp, kv_heads_of
 
 VARIANTS = {
     "qwen3-tied-kv1": ("qwen3", dict(num_key_value_heads=1)),
@@ -39,8 +39,8 @@ def _reference(path):
 def _rank(rank, world, paths, port, q):
     import torch.distributed as dist
 
+    from workers.dist.tp import TPContext, drive, follow, shard_causal_lm
     from workers.models.loader import load_model
-    from workers.tp import TPContext, drive, follow, shard_causal_lm
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -64,8 +64,8 @@ def _rank(rank, world, paths, port, q):
 
 
 def test_check_tp_and_kv_heads():
+    from tests.helpers.tiny import tiny_hf_config
     from workers.models.config import ModelConfig
-    from workers.models.tiny import tiny_hf_config
 
     cfg = ModelConfig.from_hf(tiny_hf_config("llama"))  # 4 heads, 2 KV heads
     check_tp(cfg, 2)

@@ -7,9 +7,9 @@ import random
 import pytest
 import torch
 
-from workers.drafter import load_drafter
+from tests.helpers.tiny import make_tiny_hf_dir
 from workers.models.config import ModelConfig
-from workers.models.tiny import make_tiny_hf_dir
+from workers.models.dflash import load_drafter
 from workers.training.data import IGNORE, Sample, make_batch
 from workers.training.generate import read_jsonl
 from workers.training.pipeline import PipelineConfig, run_pipeline

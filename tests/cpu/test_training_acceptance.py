@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.acceptance import markdown, measure
-from workers.models.tiny import tiny_engine
+from tests.helpers.tiny import tiny_engine
 from workers.training.prompts import build_prompts
 
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from scipy.stats import chi2
 
-from workers.params import SamplingParams
-from workers.sampling import RowParams, processed_probs
-from workers.verify import verify_greedy, verify_stochastic
+from workers.engine.params import SamplingParams
+from workers.engine.sampling import RowParams, processed_probs
+from workers.spec.verifier import verify_greedy, verify_stochastic
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,10 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers.engine import EngineConfig, LLMEngine
+from tests.helpers.tiny import make_tiny_hf_dir, reference_greedy, tiny_drafter
+from workers.engine.config import EngineConfig
+from workers.engine.llm_engine import LLMEngine
+from workers.engine.params import SamplingParams, SpecParams
 from workers.models.loader import load_model
-from workers.models.tiny import make_tiny_hf_dir, reference_greedy, tiny_drafter
-from workers.params import SamplingParams, SpecParams
 
 PROMPTS = [list(range(5, 5 + n)) for n in (3, 17, 40, 9, 64, 23)]
 

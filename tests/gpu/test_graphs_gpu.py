@@ -6,17 +6,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers.graph_runner import enable_graphs
-from workers.models.tiny import greedy_outputs, make_tiny_hf_dir, reference_greedy, tiny_drafter
-from workers.params import SpecParams
-from workers.runner import SeqSlice, build_draft_inputs, build_step_inputs
+from tests.helpers.tiny import greedy_outputs, make_tiny_hf_dir, reference_greedy, tiny_drafter
+from workers.engine.graph_runner import enable_graphs
+from workers.engine.params import SpecParams
+from workers.engine.runner import SeqSlice, build_draft_inputs, build_step_inputs
 
 REQS = [(list(range(5, 12)), 20), (list(range(20, 45)), 13), ([9, 4, 33], 18), (list(range(70, 79)), 15),
         ([100, 101], 11)]
 
 
 def make_engine(path, dtype="float32"):
-    from workers.engine import EngineConfig, LLMEngine
+    from workers.engine.config import EngineConfig
+    from workers.engine.llm_engine import LLMEngine
     from workers.models.loader import load_model
 
     lm = load_model(path, dtype, "cuda")
@@ -71,7 +72,7 @@ def test_replay_has_no_host_sync(tiny_dir):
 
 
 def test_bf16_graph_close_to_eager(tiny_dir):
-    from workers.runner import ModelRunner
+    from workers.engine.runner import ModelRunner
 
     e, _ = make_engine(tiny_dir, "bfloat16")
     eager = ModelRunner(e.model, e.drafter, e.pool, e.blocks.block_size, e.device)

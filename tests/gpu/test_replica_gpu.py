@@ -19,9 +19,9 @@ def _pair(tmp_path):
     target, drafter = hub.model_dir("smollm2"), hub.default_drafter_path()
     if hub.is_complete(target) and (drafter / "config.json").is_file():
         return str(target), str(drafter), "demo"
-    from workers.drafter import save_drafter
+    from tests.helpers.tiny import make_tiny_hf_dir, tiny_drafter
+    from workers.models.dflash import save_drafter
     from workers.models.loader import load_model
-    from workers.models.tiny import make_tiny_hf_dir, tiny_drafter
 
     path = make_tiny_hf_dir(tmp_path / "target", "llama")
     save_drafter(tiny_drafter(load_model(path, "float32", "cpu").config, block_size=8), tmp_path / "drafter")
@@ -29,7 +29,7 @@ def _pair(tmp_path):
 
 
 async def _run(group, prompt, n=24):
-    from workers.params import SamplingParams
+    from workers.engine.params import SamplingParams
 
     toks = []
     async for out in group.generate("g", prompt, SamplingParams(max_tokens=n)):
@@ -43,7 +43,7 @@ def test_tp1_replica_in_ray_actor_on_cuda(tmp_path):
 
     from cluster.nvml import discover
     from cluster.placement import ReplicaGroup
-    from workers.engine import EngineConfig
+    from workers.engine.config import EngineConfig
 
     target, drafter, kind = _pair(tmp_path)
     cfg = EngineConfig(model=target, drafter=drafter, device="cuda", gpu_memory_utilization=0.5)
@@ -78,7 +78,7 @@ def test_tp1_replica_in_ray_actor_on_cuda(tmp_path):
     finally:
         ray.shutdown()
     # the same engine in-process on the same GPU gives the same greedy tokens
-    from workers.async_engine import AsyncLLMEngine
+    from workers.engine.async_engine import AsyncLLMEngine
 
     async def ref():
         e = AsyncLLMEngine(cfg)
@@ -105,7 +105,7 @@ def test_tp2_nccl_matches_tp1(tmp_path):
     import ray
 
     from cluster.placement import ReplicaGroup
-    from workers.engine import EngineConfig
+    from workers.engine.config import EngineConfig
 
     target, drafter, _ = _pair(tmp_path)
     cfg = EngineConfig(model=target, drafter=drafter, device="cuda", dtype="float32", gpu_memory_utilization=0.5)

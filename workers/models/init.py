@@ -140,7 +140,7 @@ def random_drafter(target: ModelConfig, device: str | torch.device = "cpu", dtyp
                    seed: int = 1, num_layers: int = 5, num_features: int = 5, block_size: int = 16,
                    intermediate_size: int | None = None, mask_token_id: int = 0):
     """A random DFlash drafter for ``target`` (default: the shape cluster.presets.default_drafter assumes)."""
-    from workers.drafter import DFlashDrafter, DrafterConfig
+    from workers.models.dflash import DFlashDrafter, DrafterConfig
 
     c = DrafterConfig.for_target(target, num_hidden_layers=num_layers, mask_token_id=mask_token_id,
                                  block_size=block_size, num_features=min(num_features, target.num_hidden_layers))

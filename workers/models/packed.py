@@ -90,7 +90,7 @@ def _pack_children(module: nn.Module) -> None:
 @torch.no_grad()
 def pack_for_cpu(module: nn.Module) -> nn.Module:
     """Pack a CausalLM or a DFlashDrafter in place (idempotent). Call after tensor-parallel sharding."""
-    from workers.drafter import DraftAttention
+    from workers.models.dflash import DraftAttention
     from workers.models.llama import MLP, Attention, CausalLM
 
     for m in module.modules():

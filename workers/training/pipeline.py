@@ -89,8 +89,8 @@ def _split_val(samples, per_category: int):
 
 
 def run_pipeline(pc: PipelineConfig) -> dict:
-    from workers.drafter import DFlashDrafter, DrafterConfig, default_target_layer_ids, load_drafter, save_drafter
     from workers.hub import cache_root
+    from workers.models.dflash import DFlashDrafter, DrafterConfig, default_target_layer_ids, load_drafter, save_drafter
     from workers.models.loader import load_model
     from workers.training.data import load_samples, response_vocab
     from workers.training.generate import generate_parallel

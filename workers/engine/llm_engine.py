@@ -3,47 +3,29 @@
 One ``step()``: schedule; draft a block for every speculative sequence (one drafter forward for all);
 one target forward over the flat batch (prefill chunks, AR tokens, verify blocks); sample / verify per
 sequence; write the committed tokens' features into the drafter's context cache; roll the KV back past
-the rejected drafts; detokenize and apply stop conditions. ``AsyncLLMEngine`` (workers/async_engine.py)
+the rejected drafts; detokenize and apply stop conditions. ``AsyncLLMEngine`` (workers/engine/async_engine.py)
 runs this loop off the event loop.
 """
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from workers.detokenize import IncrementalDetokenizer
-from workers.kv_cache import BlockManager, KVPool, blocks_for, kv_bytes_per_block, pool_budget_bytes
+from workers.engine.config import EngineConfig
+from workers.engine.detokenize import IncrementalDetokenizer
+from workers.engine.kv_cache import BlockManager, KVPool, blocks_for, kv_bytes_per_block, pool_budget_bytes
+from workers.engine.params import (EngineStats, InvalidRequest, NoCapacity, RequestOutput, SamplingParams,
+                                   SpecParams)
+from workers.engine.runner import ModelRunner, SeqSlice, build_step_inputs
+from workers.engine.scheduler import ScheduledSeq, Scheduler, Sequence
+from workers.engine.stats import StatsTracker
+from workers.engine.step import StepExecutor
 from workers.models.loader import load_model, resolve_device, resolve_dtype
 from workers.models.packed import can_pack, pack_for_cpu
-from workers.params import (EngineStats, InvalidRequest, NoCapacity, RequestOutput, SamplingParams,
-                            SpecParams)
-from workers.runner import ModelRunner, SeqSlice, build_step_inputs
-from workers.scheduler import ScheduledSeq, Scheduler, Sequence
-from workers.spec_step import StepExecutor
-from workers.stats import StatsTracker
-
-
-@dataclass
-class EngineConfig:
-    model: str  # HF model dir (config.json + *.safetensors [+ index]) or a .gguf file
-    drafter: str | None = None  # DFlash checkpoint dir in z-lab format; None = AR only
-    dtype: str = "auto"  # auto: bfloat16 on CUDA and on CPUs with AMX / AVX512-BF16, else float32
-    device: str = "auto"  # "cpu" | "cuda" | "cuda:N"
-    max_num_seqs: int = 16
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None  # default: the model's max positions
-    kv_block_size: int = 16  # tokens per KV-cache block
-    kv_cache_bytes: int | None = None  # pool size on CPU (default 512 MiB)
-    gpu_memory_utilization: float = 0.85
-    num_spec_tokens_default: int = 16  # default SpecParams.block_size
-    seed: int = 0
-    cuda_graphs: bool = False  # workers/graph_runner.py: CUDA graphs on GPU (tp == 1), static-buffer replay on CPU
-    cpu_packed_weights: bool = True  # workers/models/packed.py: oneDNN-reordered bf16 weights where the CPU has native bf16
 
 
 def _eos_ids(model_cfg, tokenizer, model_path: str) -> list[int]:
@@ -60,7 +42,7 @@ def _eos_ids(model_cfg, tokenizer, model_path: str) -> list[int]:
 class LLMEngine:
     def __init__(self, cfg: EngineConfig, model=None, drafter=None, tokenizer=None):
         """Loads ``cfg.model`` / ``cfg.drafter`` unless already-built modules are passed (tests, TP)."""
-        from workers.drafter import load_drafter
+        from workers.models.dflash import load_drafter
 
         self.config = cfg
         self.device = resolve_device(cfg.device)
@@ -103,7 +85,7 @@ class LLMEngine:
                                    draft_slack=bs if drafter is not None else 0)
         self.runner = ModelRunner(model, drafter, self.pool, bs, self.device)
         if cfg.cuda_graphs:
-            from workers.graph_runner import enable_graphs
+            from workers.engine.graph_runner import enable_graphs
 
             enable_graphs(self, warmup=self.device.type == "cuda")
         self.tracker = StatsTracker(max_block=max(self.max_block, 2))
@@ -247,7 +229,3 @@ class LLMEngine:
         seq = self.scheduler.by_id.get(request_id)
         return None if seq is None else seq.tau
 
-
-from workers.async_engine import AsyncLLMEngine  # noqa: E402  (re-exported: the seam lives here)
-
-__all__ = ["EngineConfig", "LLMEngine", "AsyncLLMEngine", "SeqSlice", "build_step_inputs"]

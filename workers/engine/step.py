@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
-from workers.runner import SeqSlice, build_draft_inputs, build_step_inputs
-from workers.sampling import RowParams, processed_probs, sample
-from workers.scheduler import ScheduledSeq
-from workers.verify import verify_stochastic
+from workers.engine.runner import SeqSlice, build_draft_inputs, build_step_inputs
+from workers.engine.sampling import RowParams, processed_probs, sample
+from workers.engine.scheduler import ScheduledSeq
+from workers.spec.verifier import verify_stochastic
 
 Result = tuple[int, list[int], int]
 

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.engine.params import IncompatibleDrafter
 from workers.models.attention import attn_bias, gather_kv, write_kv
 from workers.models.config import ModelConfig, read_rope, rope_table
 from workers.models.llama import MLP, RMSNorm, apply_rope, rope_cos_sin
-from workers.params import IncompatibleDrafter
 
 
 def default_target_layer_ids(num_target_layers: int, num_features: int) -> list[int]:

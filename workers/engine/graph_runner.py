@@ -26,9 +26,9 @@ from typing import Callable
 
 import torch
 
+from workers.engine.runner import DraftInputs, ModelRunner, StepInputs
 from workers.models import fused
 from workers.models.attention import AttnMetadata
-from workers.runner import DraftInputs, ModelRunner, StepInputs
 
 SCRATCH_SEQ = "__graph_scratch__"
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from workers.params import EngineStats
+from workers.engine.params import EngineStats
 
 MAX_TAG_VALUES = 10_000  # per tag key; the least recently updated values are dropped beyond this
 

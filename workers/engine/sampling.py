@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.params import SamplingParams
+from workers.engine.params import SamplingParams
 
 
 @dataclass

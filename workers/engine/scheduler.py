@@ -14,8 +14,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from workers.kv_cache import BlockManager
-from workers.params import SamplingParams
+from workers.engine.kv_cache import BlockManager
+from workers.engine.params import SamplingParams
 
 
 @dataclass

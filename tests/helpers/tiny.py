@@ -82,7 +82,7 @@ def save_tiny_tokenizer(path: Path, vocab_size: int = TINY_VOCAB) -> None:
 
 def tiny_drafter(target_cfg, num_layers: int = 1, block_size: int = 8, mask_token_id: int = 3, seed: int = 0,
                  target_layer_ids: list[int] | None = None):
-    from workers.drafter import DFlashDrafter, DrafterConfig
+    from workers.models.dflash import DFlashDrafter, DrafterConfig
 
     c = DrafterConfig.for_target(target_cfg, num_hidden_layers=num_layers, mask_token_id=mask_token_id,
                                  block_size=block_size, target_layer_ids=target_layer_ids,
@@ -111,7 +111,8 @@ def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
 def tiny_engine(path: str | Path, family: str = "llama", drafter_block: int | None = 8, seed: int = 0,
                 drafter_seed: int = 0, **cfg_overrides: Any):
     """(LLMEngine, loaded model) for a tiny random model written under ``path`` (with a random drafter)."""
-    from workers.engine import EngineConfig, LLMEngine
+    from workers.engine.config import EngineConfig
+    from workers.engine.llm_engine import LLMEngine
     from workers.models.loader import load_model
 
     model_overrides = cfg_overrides.pop("model_overrides", {})
@@ -127,7 +128,7 @@ def tiny_engine(path: str | Path, family: str = "llama", drafter_block: int | No
 
 def greedy_outputs(engine, reqs: list[tuple[list[int], int]], spec) -> list[list[int]]:
     """Run ``reqs`` [(prompt ids, n new tokens)] through ``engine`` to the end (EOS ignored) -> tokens per request."""
-    from workers.params import SamplingParams
+    from workers.engine.params import SamplingParams
 
     got: dict[str, list[int]] = {str(i): [] for i in range(len(reqs))}
     for i, (p, n) in enumerate(reqs):

@@ -12,12 +12,13 @@ import time
 from collections import deque
 from typing import Any, AsyncIterator
 
-from workers.params import EngineStats, RequestOutput, SamplingParams, SpecParams
+from workers.engine.params import EngineStats, RequestOutput, SamplingParams, SpecParams
 
 
 class AsyncLLMEngine:
     def __init__(self, cfg_or_engine: Any, wedge_timeout_s: float = 120.0):
-        from workers.engine import EngineConfig, LLMEngine
+        from workers.engine.config import EngineConfig
+        from workers.engine.llm_engine import LLMEngine
 
         self.engine = LLMEngine(cfg_or_engine) if isinstance(cfg_or_engine, EngineConfig) else cfg_or_engine
         self.tokenizer = self.engine.tokenizer
@@ -97,7 +98,7 @@ class AsyncLLMEngine:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         if request_id in self._queues:
-            from workers.params import InvalidRequest
+            from workers.engine.params import InvalidRequest
 
             raise InvalidRequest(f"request id {request_id!r} is already running")
         self._queues[request_id] = (loop, q)
