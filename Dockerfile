@@ -47,7 +47,7 @@ PY
 # repository root, where workers/hub.py looks for it.
 COPY . .
 RUN pip install --no-deps -e . \
- && python3 -c "import orchestrator.app, workers.engine.params, cluster.planner, ray; print('ray', ray.__version__)"
+ && python3 -c "import orchestrator.app, workers.engine.params, cluster.planning.planner, ray; print('ray', ray.__version__)"
 
 # Run as uid 1000 (the base image's `ubuntu` user; Ray's own images also use uid 1000): it owns
 # the model cache and state mount points and can write /tmp/ray.

@@ -1,8 +1,8 @@
 """The models gpu_bench.py times, and the issue-10 goals it checks.
 
-  qwen3-8b / qwen3-32b  random weights of the public shape (cluster/presets.py), bf16 on CUDA, built on the meta
+  qwen3-8b / qwen3-32b  random weights of the public shape (cluster/planning/presets.py), bf16 on CUDA, built on the meta
                         device and allocated once on the GPU; drafter: random, of the shape the planner assumes
-                        (cluster.presets.default_drafter: 5 Qwen3 layers at the target's width, 5 features)
+                        (cluster.planning.presets.default_drafter: 5 Qwen3 layers at the target's width, 5 features)
   demo                  SmolLM2-135M-Instruct + the committed DFlash drafter (models/); real weights when the HF
                         directory is there (then also end-to-end AR vs DFlash tokens/s); random weights of its
                         config when only config.json is there (step times only)
@@ -45,7 +45,7 @@ def _tiny_cfg(family: str):
 
 
 def build_cases(a, device: torch.device) -> Iterator[Case]:
-    from cluster.presets import default_drafter, resolve_model
+    from cluster.planning.presets import default_drafter, resolve_model
     from workers.models.init import config_from_preset, random_drafter, random_model
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

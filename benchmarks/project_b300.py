@@ -2,7 +2,7 @@
 
 Cases: Qwen3-8B 8xTP1, gpt-oss-120b 2xTP4 and 1xTP8, each with DFlash drafters, for 8..256
 concurrent agent sessions, routers specfleet / pow2 / consistent_hash. Step costs from the
-roofline (cluster.roofline: B300 HBM3e 8 TB/s, NVLink 5, 288 GB). KV capacity per replica =
+roofline (cluster.planning.roofline: B300 HBM3e 8 TB/s, NVLink 5, 288 GB). KV capacity per replica =
 (HBM x gpu_memory_utilization x tp - weights - drafter) / KV bytes per token. Acceptance: the
 per-position acceptance per (drafter, role) given in --alphas (JSON, e.g. from benchmarks.validate's
 output of a measured run); half of the replicas run drafter "a", half drafter "b" (a fleet that

@@ -2,7 +2,7 @@
 
 * ``LinearStepModel``: fitted on this machine from measured engine steps (benchmarks/calibrate.py):
   t_ar(b) = a0 + a1*b ;  t_spec(b, B) = s0 + s1*b*B (draft + verify) ;  prefill = p1 * tokens.
-* ``RooflineStepModel``: cluster.roofline (HBM bandwidth / FLOP/s / NVLink all-reduce) for a model,
+* ``RooflineStepModel``: cluster.planning.roofline (HBM bandwidth / FLOP/s / NVLink all-reduce) for a model,
   a drafter and a TP degree on a node profile, e.g. the DGX B300.
 """
 from __future__ import annotations
@@ -60,23 +60,23 @@ class RooflineStepModel:
 
     def __init__(self, model: str, node: str = "dgx-b300", tp: int = 1, drafter: bool = True,
                  block: int = 16, prefill_chunk: int = 512):
-        from cluster.presets import default_drafter, resolve_model
-        from cluster.topology import get_node
+        from cluster.planning.presets import default_drafter, resolve_model
+        from cluster.planning.topology import get_node
 
         self.model = resolve_model(model)
         self.node = get_node(node)
         self.tp = tp
         self.drafter = default_drafter(self.model, block) if drafter else None
         self.chunk = prefill_chunk
-        self.source = f"cluster.roofline: {self.model.name} TP{tp} on {self.node.name}"
+        self.source = f"cluster.planning.roofline: {self.model.name} TP{tp} on {self.node.name}"
 
     def ar_s(self, batch: int, ctx: int = 1024) -> float:
-        from cluster.roofline import target_step
+        from cluster.planning.roofline import target_step
 
         return target_step(self.model, self.node, self.tp, max(1, batch), 1, max(1, ctx)).total_s
 
     def spec_s(self, batch: int, block: int, ctx: int = 1024) -> float:
-        from cluster.roofline import drafter_step, target_step
+        from cluster.planning.roofline import drafter_step, target_step
 
         t = target_step(self.model, self.node, self.tp, max(1, batch), block, max(1, ctx)).total_s
         if self.drafter is not None:
@@ -84,7 +84,7 @@ class RooflineStepModel:
         return t
 
     def prefill_s(self, tokens: int) -> float:
-        from cluster.roofline import target_step
+        from cluster.planning.roofline import target_step
 
         if tokens <= 0:
             return 0.0

@@ -90,13 +90,13 @@ def _resolve_tp(cfg: ServeConfig) -> int:
 
 
 def _planned_tp(cfg: ServeConfig) -> int:
-    """tp: auto -> the planner's layout for this node (cluster.planner over NVML), 1 where no GPU is visible."""
+    """tp: auto -> the planner's layout for this node (cluster.planning.planner over NVML), 1 where no GPU is visible."""
     if cfg.engine == "mock" or not _gpus_available():
         return 1
-    from cluster.nvml import discover
-    from cluster.planner import Workload, plan
-    from cluster.presets import default_drafter, drafter_from_config, resolve_model
-    from cluster.topology import node_from_inventory
+    from cluster.planning.nvml import discover
+    from cluster.planning.planner import Workload, plan
+    from cluster.planning.presets import default_drafter, drafter_from_config, resolve_model
+    from cluster.planning.topology import node_from_inventory
     from orchestrator.replica import resolve_paths
 
     target, drafter_path = resolve_paths(cfg, cfg.replicas[0])

@@ -68,7 +68,7 @@ async def build_engine(cfg: ServeConfig, spec: ReplicaSpec) -> tuple[Any, bool]:
     )
     tp = spec.tp if isinstance(spec.tp, int) else 1
     try:
-        from cluster.placement import ReplicaGroup
+        from cluster.runtime.replica_group import ReplicaGroup
     except ImportError:
         ReplicaGroup = None
     if ReplicaGroup is not None:
@@ -78,7 +78,7 @@ async def build_engine(cfg: ServeConfig, spec: ReplicaSpec) -> tuple[Any, bool]:
         await group.start()
         return group, drafter is not None
     if tp != 1:
-        raise ValueError(f"tp={tp} needs cluster.placement.ReplicaGroup, which is not available")
+        raise ValueError(f"tp={tp} needs cluster.runtime.replica_group.ReplicaGroup, which is not available")
     from workers.engine.async_engine import AsyncLLMEngine
 
     return await asyncio.to_thread(AsyncLLMEngine, ecfg), drafter is not None

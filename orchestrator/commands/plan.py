@@ -37,7 +37,7 @@ def with_dtype(model, dtype: str):
     """The model spec with its weights / KV cache in `dtype` (auto: unchanged)."""
     import dataclasses
 
-    from cluster.presets import DTYPE_BYTES
+    from cluster.planning.presets import DTYPE_BYTES
 
     if dtype == "auto":
         return model
@@ -46,10 +46,10 @@ def with_dtype(model, dtype: str):
 
 
 def build(args: argparse.Namespace):
-    from cluster.nvml import discover
-    from cluster.planner import Workload, plan
-    from cluster.presets import default_drafter, drafter_from_config, resolve_model
-    from cluster.topology import get_node, node_from_inventory
+    from cluster.planning.nvml import discover
+    from cluster.planning.planner import Workload, plan
+    from cluster.planning.presets import default_drafter, drafter_from_config, resolve_model
+    from cluster.planning.topology import get_node, node_from_inventory
 
     node = node_from_inventory(discover()) if args.node == "auto" else get_node(args.node)
     model = with_dtype(resolve_model(args.model), "float32" if args.dtype == "auto" and node.name == "cpu"

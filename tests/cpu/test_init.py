@@ -49,7 +49,7 @@ def test_fast_load_rejects_wrong_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("name", ["qwen3-8b", "Qwen/Qwen3-32B"])
 def test_preset_shapes_match_cluster_presets(name):
-    from cluster.presets import resolve_model
+    from cluster.planning.presets import resolve_model
 
     spec = resolve_model(name)
     cfg = config_from_preset(name)

@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from cluster.placement import ReplicaGroup, place_plan
-from cluster.planner import plan
-from cluster.presets import PRESETS, default_drafter
-from cluster.topology import get_node
+from cluster.planning.planner import plan
+from cluster.planning.presets import PRESETS, default_drafter
+from cluster.planning.topology import get_node
+from cluster.runtime.replica_group import ReplicaGroup, place_plan
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

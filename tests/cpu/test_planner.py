@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from cluster.planner import PlanError, Workload, budget_replica, plan, weight_shard_bytes
-from cluster.presets import PRESETS, default_drafter, drafter_from_config, model_from_config, resolve_model
-from cluster.roofline import experts_touched, replica_throughput, target_step
-from cluster.topology import GiB, get_node
+from cluster.planning.planner import PlanError, Workload, budget_replica, plan, weight_shard_bytes
+from cluster.planning.presets import PRESETS, default_drafter, drafter_from_config, model_from_config, resolve_model
+from cluster.planning.roofline import experts_touched, replica_throughput, target_step
+from cluster.planning.topology import GiB, get_node
 
 
 def test_preset_param_counts_match_published_totals():

@@ -26,7 +26,7 @@ def pair(tmp_path_factory):
 
 
 def _reference(target: str, drafter: str) -> str:
-    from cluster.placement import ReplicaGroup
+    from cluster.runtime.replica_group import ReplicaGroup
     from workers.engine.config import EngineConfig
     from workers.engine.params import SamplingParams
 

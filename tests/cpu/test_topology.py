@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.nvml import FakeGpu, FakeNvml, PynvmlBackend, discover, gpu_telemetry, visible_gpu_indices
-from cluster.topology import GB, NODES, UnknownNode, get_node, node_from_inventory
+from cluster.planning.nvml import FakeGpu, FakeNvml, PynvmlBackend, discover, gpu_telemetry, visible_gpu_indices
+from cluster.planning.topology import GB, NODES, UnknownNode, get_node, node_from_inventory
 
 
 def test_profiles():

@@ -41,8 +41,8 @@ async def _run(group, prompt, n=24):
 def test_tp1_replica_in_ray_actor_on_cuda(tmp_path):
     import ray
 
-    from cluster.nvml import discover
-    from cluster.placement import ReplicaGroup
+    from cluster.planning.nvml import discover
+    from cluster.runtime.replica_group import ReplicaGroup
     from workers.engine.config import EngineConfig
 
     target, drafter, kind = _pair(tmp_path)
@@ -93,7 +93,7 @@ def test_tp1_replica_in_ray_actor_on_cuda(tmp_path):
     inv = discover()
     assert inv.gpus, inv.error
     idx = torch.cuda.current_device()
-    from cluster.nvml import visible_gpu_indices
+    from cluster.planning.nvml import visible_gpu_indices
 
     phys = (visible_gpu_indices() or list(range(len(inv.gpus))))[idx]
     g = next(x for x in inv.gpus if x.index == phys)
@@ -104,7 +104,7 @@ def test_tp1_replica_in_ray_actor_on_cuda(tmp_path):
 def test_tp2_nccl_matches_tp1(tmp_path):
     import ray
 
-    from cluster.placement import ReplicaGroup
+    from cluster.runtime.replica_group import ReplicaGroup
     from workers.engine.config import EngineConfig
 
     target, drafter, _ = _pair(tmp_path)

@@ -6,7 +6,7 @@
   * ``load_shards`` reads each safetensors tensor straight onto that device (``safe_open(device=...)``) and
     copies it into its parameter, one tensor at a time: no whole state dict in host memory;
   * ``random_model`` / ``random_drafter`` fill a materialised model with random weights on the device
-    (seeded), from a named preset of cluster/presets.py (Qwen3-8B, Qwen3-32B ...) or any ModelConfig.
+    (seeded), from a named preset of cluster/planning/presets.py (Qwen3-8B, Qwen3-32B ...) or any ModelConfig.
 """
 from __future__ import annotations
 
@@ -19,13 +19,13 @@ from workers.models.config import ModelConfig, rope_table
 from workers.models.llama import CausalLM
 from workers.models.loader import LoadedModel, load_model, load_tokenizer, resolve_device, resolve_dtype
 
-# RoPE base per family (not part of cluster.presets.ModelSpec; it does not change step times)
+# RoPE base per family (not part of cluster.planning.presets.ModelSpec; it does not change step times)
 _ROPE = {"qwen3": (1_000_000.0, None), "llama": (500_000.0, None)}
 
 
 def config_from_preset(name: str, max_position: int | None = None) -> ModelConfig:
-    """A decoder config from cluster/presets.py (the public config values) for dense Llama / Qwen3 presets."""
-    from cluster.presets import resolve_model
+    """A decoder config from cluster/planning/presets.py (the public config values) for dense Llama / Qwen3 presets."""
+    from cluster.planning.presets import resolve_model
 
     spec = resolve_model(name)
     if spec.is_moe:
@@ -139,7 +139,7 @@ def random_model(cfg_or_preset: ModelConfig | str, device: str | torch.device = 
 def random_drafter(target: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                    seed: int = 1, num_layers: int = 5, num_features: int = 5, block_size: int = 16,
                    intermediate_size: int | None = None, mask_token_id: int = 0):
-    """A random DFlash drafter for ``target`` (default: the shape cluster.presets.default_drafter assumes)."""
+    """A random DFlash drafter for ``target`` (default: the shape cluster.planning.presets.default_drafter assumes)."""
     from workers.models.dflash import DFlashDrafter, DrafterConfig
 
     c = DrafterConfig.for_target(target, num_hidden_layers=num_layers, mask_token_id=mask_token_id,

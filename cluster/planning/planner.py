@@ -2,7 +2,7 @@
 
 For each layout R x TPt (R replicas of tensor-parallel degree t, t in 1, 2, 4, 8) the planner
 budgets every GPU (see `budget_replica`), rejects layouts that do not fit (with the reason), predicts
-decode throughput with the roofline in cluster/roofline.py at the target concurrency, and picks the
+decode throughput with the roofline in cluster/planning/roofline.py at the target concurrency, and picks the
 layout with the highest predicted aggregate tokens/s (ties within 1%: fewer GPUs, then lower TP).
 Impossible requests raise `PlanError` with the reason.
 """
@@ -12,10 +12,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from cluster.explain import explain
-from cluster.presets import DrafterSpec, ModelSpec
-from cluster.roofline import LOGIT_BYTES, Throughput, replica_throughput
-from cluster.topology import GiB, NodeProfile
+from cluster.planning.explain import explain
+from cluster.planning.presets import DrafterSpec, ModelSpec
+from cluster.planning.roofline import LOGIT_BYTES, Throughput, replica_throughput
+from cluster.planning.topology import GiB, NodeProfile
 
 RUNTIME_RESERVE = 1.5 * GiB  # CUDA context, cuBLAS workspaces, CUDA-graph pool per GPU
 NCCL_RESERVE = 0.5 * GiB  # NCCL buffers per GPU when tp > 1

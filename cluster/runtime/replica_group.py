@@ -19,7 +19,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from cluster.rank_actors import RankInfo, kill_ranks, remove_group, reserve_bundles, spawn_ranks, wait_with_progress
+from cluster.runtime.rank_actors import RankInfo, kill_ranks, remove_group, reserve_bundles, spawn_ranks, wait_with_progress
 from workers.engine.params import EngineStats, NoCapacity, RequestOutput
 
 log = logging.getLogger("specfleet.placement")
@@ -198,7 +198,7 @@ class ReplicaGroup:
 
     def telemetry(self) -> dict[str, Any]:
         if self.in_process:
-            from cluster.nvml import gpu_telemetry, visible_gpu_indices
+            from cluster.planning.nvml import gpu_telemetry, visible_gpu_indices
 
             return {"gpus": gpu_telemetry(indices=visible_gpu_indices())}
         return {"gpus": list(self._telemetry)}
@@ -300,7 +300,7 @@ def _is_typed(err: BaseException) -> bool:
 
 
 def place_plan(plan, engine_cfg, **kwargs) -> list[ReplicaGroup]:
-    """One ReplicaGroup per ReplicaPlan of a cluster.planner.Plan (tp from the plan); call `place()` or
+    """One ReplicaGroup per ReplicaPlan of a cluster.planning.planner.Plan (tp from the plan); call `place()` or
     `start()` on each. Ray picks the physical GPUs inside each STRICT_PACK group; `placement()` tells
     which bundle / GPU every rank got."""
     return [ReplicaGroup(engine_cfg, tp=r.tp, in_process=False, name=f"replica-{r.index}", **kwargs)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
-    from cluster.planner import LayoutEval, Workload
+    from cluster.planning.planner import LayoutEval, Workload
 
 
 def _gpu_s_per_token(ev: "LayoutEval", w: "Workload") -> dict[str, float]:

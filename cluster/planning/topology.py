@@ -3,7 +3,7 @@
 Pure and torch-free. Figures are vendor datasheet values (sources in docs/placement.md), per GPU,
 dense (no sparsity). Units: bytes, bytes/s, FLOP/s, seconds. Vendor "GB" / "TB/s" are decimal.
 
-`node_from_inventory` turns what NVML discovered on a real machine (cluster/nvml.py) into a
+`node_from_inventory` turns what NVML discovered on a real machine (cluster/planning/nvml.py) into a
 profile: memory comes from NVML, bandwidth and FLOP/s from the matching GPU profile below.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
-    from cluster.nvml import NodeInventory
+    from cluster.planning.nvml import NodeInventory
 
 GB = 1e9
 TB = 1e12

@@ -1,6 +1,6 @@
 """Tensor parallelism on the real demo model: TP=n over Ray rank actors vs the in-process TP=1 engine.
 
-    python -m cluster.bench_tp --model smollm2 --tp 3 --tokens 64 [--drafter DIR]
+    python -m benchmarks.tp_bench --model smollm2 --tp 3 --tokens 64 [--drafter DIR]
 
 Checks that the greedy tokens are identical and reports start-up time, per-rank load time and decode
 tokens/s of each. On a CPU machine this runs gloo over loopback with logical GPUs, so the TP numbers show
@@ -34,7 +34,7 @@ async def _generate(group, prompt, n):
 async def run(model: str, tp: int, tokens: int, drafter: str | None, prompt_text: str) -> dict:
     import ray
 
-    from cluster.placement import ReplicaGroup
+    from cluster.runtime.replica_group import ReplicaGroup
     from workers.engine.config import EngineConfig
 
     if model == "smollm2":

@@ -1,5 +1,5 @@
 """Ray mechanics of one replica's ranks: reserve the bundles, start / ping / kill the rank actors, wait for
-their start-up with per-rank progress bars. Used by cluster/placement.py (ReplicaGroup)."""
+their start-up with per-rank progress bars. Used by cluster/runtime/replica_group.py (ReplicaGroup)."""
 from __future__ import annotations
 
 import asyncio
@@ -57,7 +57,7 @@ async def spawn_ranks(pg, bundle_indices: list[int], bundle: dict[str, float], t
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from cluster.rank_worker import RankWorker
+    from cluster.runtime.rank_worker import RankWorker
 
     cls = ray.remote(RankWorker)
     world = len(bundle_indices)

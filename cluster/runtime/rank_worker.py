@@ -43,7 +43,7 @@ class RankWorker:
                 "actor_id": ctx.get_actor_id(), "stage": self.progress["stage"]}
 
     async def address(self) -> tuple[str, int]:
-        from cluster.process_group import rendezvous_address
+        from cluster.runtime.process_group import rendezvous_address
 
         return rendezvous_address()
 
@@ -57,7 +57,7 @@ class RankWorker:
     def _setup(self, engine_cfg, addr: str, port: int) -> dict[str, Any]:
         import torch
 
-        from cluster.process_group import init_group
+        from cluster.runtime.process_group import init_group
         from workers.models.loader import load_model, resolve_device, resolve_dtype
 
         if self.torch_threads:
@@ -137,7 +137,7 @@ class RankWorker:
         return {"rank": self.rank, "follower_ops": self.follower_ops}
 
     async def telemetry(self) -> list[dict[str, Any]]:
-        from cluster.nvml import gpu_telemetry
+        from cluster.planning.nvml import gpu_telemetry
 
         if self.gpu_index is None:
             return []
@@ -153,7 +153,7 @@ class RankWorker:
         return int(free), int(total)
 
     async def shutdown(self) -> None:
-        from cluster.process_group import destroy_group
+        from cluster.runtime.process_group import destroy_group
 
         if self.engine is not None:
             await self.engine.shutdown()

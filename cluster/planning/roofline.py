@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from cluster.presets import DrafterSpec, ModelSpec
-from cluster.topology import NodeProfile
+from cluster.planning.presets import DrafterSpec, ModelSpec
+from cluster.planning.topology import NodeProfile
 
 MEM_EFF = 0.80  # achievable fraction of peak HBM bandwidth for decode GEMVs
 FLOP_EFF = 0.60  # achievable fraction of peak dense tensor FLOP/s
