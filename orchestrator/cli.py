@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # subcommand module names, in the order `specfleet --help` lists them
-COMMANDS = ("serve", "generate", "plan", "models", "train_drafter")
+COMMANDS = ("serve", "generate", "plan", "models", "make_corpus", "train_drafter")
 
 
 def build_parser() -> argparse.ArgumentParser:

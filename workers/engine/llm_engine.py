@@ -217,8 +217,9 @@ class LLMEngine:
             text += detok.flush()
             self._finish(seq)
             del self._detok[rid]
+        # tokens a pass verified past EOS are not committed: tau counts only what the request keeps
         return RequestOutput(rid, tokens, text, finished=reason is not None, finish_reason=reason,
-                             accepted=[accepted])
+                             accepted=[min(accepted, len(tokens))])
 
     def stats(self) -> EngineStats:
         s = self.scheduler

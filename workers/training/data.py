@@ -1,20 +1,19 @@
-"""Stage 3 of the trainer: cached target features -> DFlash training batches (many anchors per sequence).
+"""Stage 2 of the trainer: corpus records -> DFlash training batches (many draft blocks per sequence).
 
-A sample is one prompt+response with the raw target layer outputs of every position but the last
-([T-1, n_feat*H], saved during generation). A batch packs several sequences; in each, ``n_anchors`` random
-anchor positions p in the response each get a block of queries [anchor, MASK x (B-1)] at positions p..p+B-1.
-Block-sparse mask: the rows of block a see the context features at positions < p_a and all rows of their own
-block (non-causal inside the block), nothing else; labels are the target's tokens at p+1..p+B-1.
+Convention (the engine's, workers/spec_step.py + runner.build_draft_inputs): the anchor of a block is a
+committed token at position p that has no K/V yet; the block's rows are positions p..p+B-1 with input ids
+[token_p, MASK x (B-1)]; the drafter's context is the target features of positions < p; row k >= 1 is
+verified against the target's greedy token at p+k, so its label is token p+k. In a response of a prompt of
+length P, the first anchor is p = P (the token the prefill pass sampled); the last useful one is T-2.
 """
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from workers.training.generate import features_dir, read_jsonl
+from workers.training.corpus import Record
 
 IGNORE = -100
 
@@ -23,109 +22,140 @@ IGNORE = -100
 class Sample:
     id: str
     category: str
-    tokens: torch.Tensor  # [T] int64, prompt + response
-    prompt_len: int  # P: anchors live in [P, T-2]
-    features: torch.Tensor  # [T-1, n_feat*H] bf16, raw target layer outputs at positions 0..T-2
+    tokens: torch.Tensor  # [T] long: prompt + response
+    prompt_len: int  # P
+    finish: str  # "stop" | "length"
 
     @property
     def num_anchors(self) -> int:
         return max(0, len(self.tokens) - 1 - self.prompt_len)
 
 
+def to_samples(records: list[Record], split: str | None = None) -> list[Sample]:
+    return [Sample(r.id, r.category,
+                   torch.tensor(r.prompt_ids + r.response_ids, dtype=torch.long), len(r.prompt_ids), r.finish)
+            for r in records if (split is None or r.split == split) and len(r.response_ids) >= 2]
+
+
 @dataclass
 class Batch:
-    block_ids: torch.Tensor  # [b, Q] token ids: anchor then mask ids, per block
-    labels: torch.Tensor  # [b, Q] target token for rows k>=1 of each block, IGNORE elsewhere
-    offsets: torch.Tensor  # [b, Q] k = row index inside its block (0 = anchor)
-    q_positions: torch.Tensor  # [b, Q]
-    ctx_features: torch.Tensor  # [b, C, F] float32
-    ctx_positions: torch.Tensor  # [b, C]
-    attn_mask: torch.Tensor  # [b, 1, Q, C+Q] bool (True = attend)
+    tokens: torch.Tensor  # [b, C] long: the context tokens 0..C-1 of each sequence (right-padded with 0)
+    anchors: torch.Tensor  # [b, N] long (0 for padding blocks)
+    block_len: torch.Tensor  # [b, N] long: visible rows per block (B; fewer where serving would shorten it)
+    block_ids: torch.Tensor  # [b, N*B] long: anchor then MASK, per block
+    labels: torch.Tensor  # [b, N*B] long: token p+k for rows k >= 1, IGNORE elsewhere
     categories: list[str]
-    anchors_per_seq: list[int]
+    num_blocks: list[int]  # real blocks per sequence
+
+    @property
+    def block_size(self) -> int:
+        return self.block_ids.shape[1] // max(1, self.anchors.shape[1])
 
 
-def load_samples(responses: Path, feature_width: int, vocab_size: int, split: str | None = "train") -> list[Sample]:
-    """Records of ``responses`` (JSONL from generate.py) with their feature shards; corrupted data -> ValueError."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    recs = [r for r in read_jsonl(responses) if split is None or r.get("split") == split]
-    fdir = features_dir(responses)
-    by_shard: dict[str, list[dict]] = {}
-    for r in recs:
-        if "features" not in r:
-            raise ValueError(f"{responses}: record {r.get('id')} has no cached features (regenerate with features)")
-        by_shard.setdefault(r["features"], []).append(r)
-    out = []
-    for shard, rs in sorted(by_shard.items()):
-        path = responses.parent / shard if "/" in shard else fdir / shard  # "dir/shard" = merged from a worker
-        try:
-            tensors = load_file(str(path))
-        except (OSError, SafetensorError) as exc:
-            raise ValueError(f"feature shard {path} is missing or corrupted ({exc}); delete "
-                             f"{responses} and {fdir} to regenerate") from exc
-        for r in rs:
-            toks = torch.tensor(r["prompt_ids"] + r["response_ids"], dtype=torch.long)
-            f = tensors.get(r["id"])
-            if f is None or f.dim() != 2 or f.shape[0] != len(toks) - 1 or f.shape[1] != feature_width:
-                got = None if f is None else tuple(f.shape)
-                raise ValueError(f"features of {r['id']} in {shard} have shape {got}, expected "
-                                 f"({len(toks) - 1}, {feature_width}): corrupted data or other target layers")
-            if len(toks) and (int(toks.min()) < 0 or int(toks.max()) >= vocab_size):
-                raise ValueError(f"record {r['id']} has token ids outside the target vocabulary ({vocab_size})")
-            out.append(Sample(r["id"], r["category"], toks, len(r["prompt_ids"]), f))
-    return out
+def random_anchors(s: Sample, n: int, rng: random.Random) -> list[int]:
+    cands = range(s.prompt_len, len(s.tokens) - 1)  # p in [P, T-2]: at least one label at p+1
+    return sorted(rng.sample(cands, n)) if len(cands) > n else list(cands)
 
 
-def response_vocab(samples: list[Sample]) -> torch.Tensor:
-    """Sorted unique token ids that ever appear as a label (the response tokens)."""
-    return torch.unique(torch.cat([s.tokens[s.prompt_len:] for s in samples]))
+def serving_block_len(s: Sample, p: int, block_size: int, max_new_tokens: int | None) -> int:
+    """Rows the engine drafts at anchor p: it never drafts past max_tokens (scheduler.decode_block)."""
+    if max_new_tokens is None:
+        return block_size
+    produced = p - s.prompt_len + 1  # response tokens committed once the anchor is
+    return max(1, min(block_size, max_new_tokens - produced))
 
 
-def choose_anchors(sample: Sample, n_anchors: int, rng: random.Random, evenly: bool = False) -> list[int]:
-    lo, hi = sample.prompt_len, len(sample.tokens) - 2  # need at least one label at p+1 <= T-1
-    if hi < lo:
-        return []
-    cands = list(range(lo, hi + 1))
-    if len(cands) <= n_anchors:
-        return cands
-    if evenly:
-        step = len(cands) / n_anchors
-        return [cands[int(i * step)] for i in range(n_anchors)]
-    return sorted(rng.sample(cands, n_anchors))
-
-
-def make_batch(samples: list[Sample], n_anchors: int, block_size: int, mask_token_id: int, rng: random.Random,
-               evenly: bool = False) -> Batch:
-    B = block_size
-    anchors = [choose_anchors(s, n_anchors, rng, evenly) for s in samples]
-    Q = max(1, max(len(a) for a in anchors)) * B
-    C = max(1, max((max(a) if a else 1) for a in anchors))  # context rows 0..max_anchor-1
-    b, F = len(samples), samples[0].features.shape[1]
-    block_ids = torch.full((b, Q), mask_token_id, dtype=torch.long)
-    labels = torch.full((b, Q), IGNORE, dtype=torch.long)
-    offsets = torch.arange(Q).remainder(B).expand(b, Q).clone()
-    q_pos = torch.zeros(b, Q, dtype=torch.long)
-    ctx = torch.zeros(b, C, F, dtype=torch.float32)
-    ctx_pos = torch.arange(C).expand(b, C).clone()
-    mask = torch.zeros(b, 1, Q, C + Q, dtype=torch.bool)
-    k = torch.arange(B)
+def make_batch(samples: list[Sample], anchors: list[list[int]], block_size: int, mask_token_id: int,
+               block_lens: list[list[int]] | None = None) -> Batch:
+    """Blocks at the given anchor positions of each sample (block_lens: per block, default full)."""
+    B, b = block_size, len(samples)
+    n = max(1, max(len(a) for a in anchors))
+    C = max(1, max((max(a) for a in anchors if a), default=1))  # features of positions < the last anchor
+    tokens = torch.zeros(b, C, dtype=torch.long)
+    anc = torch.zeros(b, n, dtype=torch.long)
+    blen = torch.full((b, n), B, dtype=torch.long)
+    block_ids = torch.full((b, n, B), mask_token_id, dtype=torch.long)
+    labels = torch.full((b, n, B), IGNORE, dtype=torch.long)
+    k = torch.arange(1, B)
     for i, (s, an) in enumerate(zip(samples, anchors)):
         T = len(s.tokens)
-        n_ctx = min(C, T - 1)
-        ctx[i, :n_ctx] = s.features[:n_ctx].float()
-        for j, p in enumerate(an):
-            r0 = j * B
-            block_ids[i, r0] = s.tokens[p]
-            q_pos[i, r0 : r0 + B] = p + k
-            tgt = p + k[1:]
-            ok = tgt < T
-            labels[i, r0 + 1 : r0 + B][ok] = s.tokens[tgt[ok]]
-            mask[i, 0, r0 : r0 + B, :p] = True  # context strictly before the anchor
-            mask[i, 0, r0 : r0 + B, C + r0 : C + r0 + B] = True  # its own block, non-causal
-        for r in range(len(an) * B, Q):  # padding rows attend to themselves only (no NaN rows)
-            mask[i, 0, r, C + r] = True
-            q_pos[i, r] = 0
-    return Batch(block_ids, labels, offsets, q_pos, ctx, ctx_pos, mask, [s.category for s in samples],
+        m = min(C, T)
+        tokens[i, :m] = s.tokens[:m]
+        if not an:
+            continue
+        a = torch.tensor(an, dtype=torch.long)
+        anc[i, : len(an)] = a
+        if block_lens is not None:
+            blen[i, : len(an)] = torch.tensor(block_lens[i], dtype=torch.long)
+        block_ids[i, : len(an), 0] = s.tokens[a]
+        tgt = a[:, None] + k  # [n_i, B-1]
+        ok = (tgt < T) & (k < blen[i, : len(an), None])
+        labels[i, : len(an), 1:] = torch.where(ok, s.tokens[tgt.clamp(max=T - 1)], IGNORE)
+    return Batch(tokens, anc, blen, block_ids.view(b, n * B), labels.view(b, n * B), [s.category for s in samples],
                  [len(a) for a in anchors])
+
+
+class MixSampler:
+    """Sequences per step by category weight (None: as often as the corpus holds them), without replacement
+    inside each category (a fresh seeded permutation per epoch). State = per-category (epoch, cursor), saved in
+    the checkpoint, so a resumed run draws exactly what the uninterrupted one would have."""
+
+    def __init__(self, samples: list[Sample], weights: dict[str, float] | None, seed: int):
+        self.by_cat: dict[str, list[Sample]] = {}
+        for s in samples:
+            self.by_cat.setdefault(s.category, []).append(s)
+        if weights is None:
+            weights = {c: float(len(v)) for c, v in self.by_cat.items()}
+        unknown = sorted(c for c, w in weights.items() if w > 0 and c not in self.by_cat)
+        if unknown:
+            raise ValueError(f"data mix names categories with no training data: {unknown}; "
+                             f"the corpus holds {sorted(self.by_cat)}")
+        self.cats = sorted(c for c in self.by_cat if weights.get(c, 0) > 0)
+        if not self.cats:
+            raise ValueError("the data mix gives every category weight 0")
+        self.weights = [weights[c] for c in self.cats]
+        self.seed = seed
+        self.state: dict[str, list[int]] = {c: [0, 0] for c in self.cats}
+        self._perms: dict[tuple[str, int], list[int]] = {}
+
+    def _perm(self, cat: str, epoch: int) -> list[int]:
+        key = (cat, epoch)
+        if key not in self._perms:
+            idx = list(range(len(self.by_cat[cat])))
+            random.Random(f"{self.seed}:{cat}:{epoch}").shuffle(idx)
+            self._perms = {k: v for k, v in self._perms.items() if k[0] != cat}
+            self._perms[key] = idx
+        return self._perms[key]
+
+    def draw(self, n: int, step: int) -> list[Sample]:
+        rng = random.Random(self.seed * 1_000_003 + step)
+        out = []
+        for cat in rng.choices(self.cats, self.weights, k=n):
+            epoch, cur = self.state[cat]
+            rows = self.by_cat[cat]
+            out.append(rows[self._perm(cat, epoch)[cur]])
+            cur += 1
+            self.state[cat] = [epoch + 1, 0] if cur >= len(rows) else [epoch, cur]
+        return out
+
+    def epochs(self) -> dict[str, float]:
+        return {c: round(e + cur / len(self.by_cat[c]), 3) for c, (e, cur) in self.state.items()}
+
+
+def parse_mix(text: str | None) -> dict[str, float] | None:
+    """'code=4,tool_caller=4,math=1' -> weights; unnamed categories get 0. None/'' -> None (corpus mix)."""
+    if not text:
+        return None
+    out = {}
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        k, sep, v = part.partition("=")
+        try:
+            w = float(v)
+        except ValueError:
+            w = -1.0
+        if not sep or w < 0:
+            raise ValueError(f"data mix entry {part!r} must be category=weight with weight >= 0")
+        out[k.strip()] = w
+    return out

@@ -1,210 +1,187 @@
-"""Stage 2 of the trainer: the (frozen) target answers the prompts; the answers are the drafter's training data.
+"""Stage 1 of the trainer: OUR engine answers the prompt set; the answers are the drafter's training data.
 
-Greedy, chat template, batched HF ``generate`` with left padding. Output is an append-only JSONL (one record
-per prompt: id, category, split, prompt_ids, response_ids, text); a rerun skips the ids already written, and a
-torn last line from an interrupted run is cut off, so no finished work is lost.
+``workers.engine.LLMEngine`` with continuous batching (``batch`` sequences in flight), greedy, the serving dtype
+(auto: bf16 on CPUs with AMX / AVX512-BF16), stop at EOS or ``max_new_tokens``. A multi-turn conversation's
+next turn is queued as soon as its previous answer is in, with the conversation so far as its prompt (the
+previous answers decoded to text and re-encoded through the chat template, as an agent resends them).
+
+Streams into a token corpus (workers/training/corpus.py). Resumable: a rerun reads the corpus, skips every
+answered turn and continues each conversation from its last answered turn; only the records not yet flushed
+when a run was killed are generated again.
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
-from workers.training.prompts import Prompt
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Records of a JSONL written by this module; a torn last line is ignored, a torn middle line is an error."""
-    if not path.exists():
-        return []
-    lines = path.read_text().split("\n")
-    out = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            if i >= len(lines) - 2 and not path.read_text().endswith("\n"):  # torn tail of an interrupted write
-                break
-            raise ValueError(f"{path}: line {i + 1} is corrupted ({exc}); delete the file to regenerate") from exc
-    return out
+from workers.training.corpus import (FORMAT, CorpusWriter, Manifest, Record, check_target, read_manifest,
+                                     read_records, target_fingerprint, write_manifest)
+from workers.training.prompts import Conversation, chat_ids
 
 
-def _repair_tail(path: Path) -> None:
-    """Cut a partial last line (no trailing newline) so appends start on a fresh line."""
-    if not path.exists():
-        return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        path.write_bytes(data[: data.rfind(b"\n") + 1])
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 256
+    batch: int = 64  # sequences in flight (the engine's max_num_seqs)
+    max_model_len: int = 2048  # a turn whose prompt + max_new_tokens does not fit ends its conversation
+    dtype: str = "auto"
+    device: str = "auto"
+    drafter: str | None = None  # speculation during generation (greedy output is the target's, up to numerics)
+    flush_every: int = 256  # records per shard
+    flush_s: float = 300.0  # ... or this many seconds, whichever comes first
+    max_turns: int | None = None  # stop after this many new turns (smoke runs, cost measurements)
+
+    def settings(self) -> dict:
+        """What the corpus' content depends on (a resumed run must use the same)."""
+        return {"max_new_tokens": self.max_new_tokens, "max_model_len": self.max_model_len, "temperature": 0.0,
+                "dtype": self.dtype}
 
 
-def chat_prompt_ids(tokenizer, text: str) -> list[int]:
-    if not getattr(tokenizer, "chat_template", None):  # a base model / test tokenizer: the plain text
-        return list(tokenizer(text)["input_ids"])
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                        tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 returns a BatchEncoding
-        ids = ids["input_ids"]
-    return list(ids)
+def answer_text(tokenizer, response_ids: list[int], eos_ids: list[int]) -> str:
+    """The assistant message an API client gets back (EOS dropped, special tokens skipped)."""
+    ids = response_ids[:-1] if response_ids and response_ids[-1] in eos_ids else response_ids
+    if tokenizer is None:
+        return " ".join(map(str, ids))
+    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
-def generate_responses(model_dir: str | Path, prompts: Iterable[Prompt], out_path: str | Path, *,
-                       max_new_tokens: int = 192, batch_size: int = 16, device: str = "auto",
-                       threads: int | None = None, capture_layers: list[int] | None = None) -> list[dict]:
-    """Answer every prompt not yet in ``out_path``; returns all records (old and new).
+def open_corpus(out: Path, target_name: str, target_sha: str, vocab_size: int, eos_ids: list[int],
+                prompts: dict, gc: GenerationConfig, dtype_name: str) -> tuple[Manifest, list[Record]]:
+    """The existing corpus (checked against this target and these settings) or a new manifest."""
+    gen = {**gc.settings(), "dtype": dtype_name, "engine": "workers.engine.LLMEngine", "greedy": True}
+    if (out / "manifest.json").is_file():
+        m = read_manifest(out)
+        check_target(m, target_sha, vocab_size, str(out))
+        for key in ("seed", "heldout"):
+            if m.prompts.get(key) != prompts.get(key):
+                raise ValueError(f"{out} was made with prompt {key} {m.prompts.get(key)!r}; this run asks for "
+                                 f"{prompts.get(key)!r} (use another --out)")
+        for key in ("max_new_tokens", "max_model_len", "temperature", "dtype"):
+            if m.generation.get(key) != gen[key]:
+                raise ValueError(f"{out} was generated with {key}={m.generation.get(key)!r}; this run asks for "
+                                 f"{gen[key]!r} (use another --out, or the same setting)")
+        m.prompts = prompts  # more conversations per category extend the set (a prefix of the larger one)
+        m.generation = {**m.generation, **{k: v for k, v in gen.items() if k not in m.generation}}
+        return m, read_records(out, m)
+    m = Manifest(FORMAT, {"name": target_name, "sha256": target_sha, "vocab_size": vocab_size,
+                          "eos_token_ids": eos_ids}, prompts, gen)
+    return m, []
 
-    With ``capture_layers`` the raw outputs of those target layers (HF ``hidden_states[t+1]``), which the
-    generation computes anyway, are saved for every position but the last of prompt+response as
-    ``<out_path stem>.features/shard-NNNNN.safetensors`` (one bf16 tensor [T-1, n_layers*H] per record id),
-    so the trainer never runs the target again. The shard is written before the JSONL lines that name it.
+
+def generate_corpus(target_dir: str | Path, out: str | Path, conversations: list[Conversation], prompts: dict,
+                    gc: GenerationConfig, target_name: str | None = None, engine=None) -> Manifest:
+    """Answer every turn of ``conversations`` not yet in the corpus at ``out``; returns the final manifest.
+
+    ``prompts`` describes the prompt set (seed, counts, heldout) for the manifest. ``engine``: an already
+    built LLMEngine (tests); by default one is built from ``target_dir`` with ``gc``'s settings.
     """
-    import torch
     from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    _repair_tail(out_path)
-    done = {r["id"] for r in read_jsonl(out_path)}
-    todo = [p for p in prompts if p.id not in done]
-    if not todo:
-        return read_jsonl(out_path)
-    if threads:
-        torch.set_num_threads(threads)
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float32
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(dev).eval()
-    eos = tok.eos_token_id
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    from workers.engine.config import EngineConfig
 
-    encoded = [(p, chat_prompt_ids(tok, p.text)) for p in todo]
-    window = batch_size * 8  # sort by length inside windows: little padding, yet the given order (categories
-    encoded = [pe for w in range(0, len(encoded), window)  # interleaved) holds if the run is stopped early
-               for pe in sorted(encoded[w : w + window], key=lambda pe: len(pe[1]))]
-    feat_dir = features_dir(out_path)
-    if capture_layers:
-        feat_dir.mkdir(exist_ok=True)
-        n_layers = model.config.num_hidden_layers
-        if not all(0 <= t < n_layers - 1 for t in capture_layers):  # the last entry of hidden_states is normed
-            raise ValueError(f"capture layers {capture_layers} must lie in [0, {n_layers - 2}]")
-    shard_no = len(list(feat_dir.glob("shard-*.safetensors"))) if capture_layers else 0
-    t0, n_tok = time.time(), 0
-    bar = tqdm(total=len(encoded), desc="generate", unit="prompt", file=sys.stderr)
-    with open(out_path, "a") as f:
-        for s in range(0, len(encoded), batch_size):
-            chunk = encoded[s : s + batch_size]
-            width = max(len(ids) for _, ids in chunk)
-            input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for _, ids in chunk], device=dev)  # [b, T]
-            attn = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for _, ids in chunk], device=dev)
-            with torch.inference_mode():
-                out = model.generate(input_ids=input_ids, attention_mask=attn, max_new_tokens=max_new_tokens,
-                                     do_sample=False, eos_token_id=eos, pad_token_id=pad,
-                                     return_dict_in_generate=True, output_hidden_states=bool(capture_layers))
-            recs, feats = [], {}
-            for i, ((p, ids), row) in enumerate(zip(chunk, out.sequences[:, width:].tolist())):
-                resp = []
-                for t in row:
-                    resp.append(t)
-                    if t == eos:
-                        break
-                n_tok += len(resp)
-                rec = {"id": p.id, "category": p.category, "split": p.split, "prompt": p.text,
-                       "prompt_ids": ids, "response_ids": resp,
-                       "text": tok.decode(resp, skip_special_tokens=True)}
-                if capture_layers:
-                    feats[p.id] = _gather_features(out.hidden_states, i, width - len(ids), len(resp), capture_layers)
-                    rec["features"] = f"shard-{shard_no:05d}.safetensors"
-                recs.append(rec)
-            if capture_layers:
-                _save_shard(feats, feat_dir / f"shard-{shard_no:05d}.safetensors")
-                shard_no += 1
-            for rec in recs:
-                f.write(json.dumps(rec) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-            bar.update(len(chunk))
-            bar.set_postfix(tok_s=f"{n_tok / (time.time() - t0):.0f}")
-    bar.close()
-    return read_jsonl(out_path)
+    from workers.engine.llm_engine import LLMEngine
+    from workers.engine.params import InvalidRequest, NoCapacity, SamplingParams, SpecParams
 
+    out = Path(out)
+    target_dir = Path(target_dir)
+    if engine is None:
+        import dataclasses
+        import json
 
-def features_dir(out_path: Path) -> Path:
-    return out_path.with_name(out_path.stem + ".features")
+        from workers.engine.kv_cache import kv_bytes_per_block
+        from workers.models.config import ModelConfig
 
+        mc = ModelConfig.from_hf(json.loads((target_dir / "config.json").read_text()))
+        if gc.max_model_len > mc.max_position_embeddings:
+            gc = dataclasses.replace(gc, max_model_len=mc.max_position_embeddings)
+        per_tok = kv_bytes_per_block(1, [(mc.num_key_value_heads, mc.head_dim)] * mc.num_hidden_layers, 2)
+        kv = min(8 << 30, max(256 << 20, int(1.2 * gc.batch * (gc.max_model_len + 32) * per_tok)))
+        engine = LLMEngine(EngineConfig(model=str(target_dir), drafter=gc.drafter, dtype=gc.dtype, device=gc.device,
+                                        max_num_seqs=gc.batch, max_model_len=gc.max_model_len, kv_cache_bytes=kv,
+                                        max_num_batched_tokens=max(2048, 2 * gc.batch)))
+    tok, eos = engine.tokenizer, list(engine.eos_token_ids)
+    dtype_name = str(engine.dtype).removeprefix("torch.")
+    m, done = open_corpus(out, target_name or target_dir.name, target_fingerprint(target_dir),
+                          engine.model_config.vocab_size, eos, prompts, gc, dtype_name)
+    answered: dict[str, dict[int, Record]] = {}
+    for r in done:
+        answered.setdefault(r.conversation, {})[r.turn] = r
+    writer = CorpusWriter(out, m)
+    if not m.shards:
+        write_manifest(out, m)
 
-def _gather_features(hidden_states, row: int, pad: int, resp_len: int, layers: list[int]):
-    """HF generate hidden states -> [P + resp_len - 1, n_layers*H] bf16 for one batch row.
+    # the next unanswered turn of every conversation, with the answers so far
+    queue: deque[tuple[Conversation, list[str]]] = deque()
+    total_turns = 0
+    for c in conversations:
+        have = answered.get(c.id, {})
+        k = 0
+        while k in have:
+            k += 1
+        if k >= len(c.turns):
+            continue
+        queue.append((c, [answer_text(tok, have[i].response_ids, eos) for i in range(k)]))
+        total_turns += len(c.turns) - k
+    if gc.max_turns is not None:
+        total_turns = min(total_turns, gc.max_turns)
 
-    hidden_states[0][t+1] is [b, width, H] (prompt, left-padded); hidden_states[s][t+1] is [b, 1, H], the
-    output for the token generated at step s-1; the last generated token is never fed back (not needed).
-    """
-    import torch
-
-    prompt = torch.cat([hidden_states[0][t + 1][row, pad:] for t in layers], dim=-1)  # [P, n*H]
-    steps = [torch.cat([hidden_states[s][t + 1][row] for t in layers], dim=-1) for s in range(1, resp_len)]
-    return torch.cat([prompt, *steps], dim=0).to(torch.bfloat16)
-
-
-def _save_shard(feats: dict, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in feats.items()}, str(tmp))
-    os.replace(tmp, path)
-
-
-def worker_path(out_path: Path, k: int) -> Path:
-    return out_path.with_name(f"{out_path.stem}-w{k}.jsonl")
-
-
-def merge_worker_outputs(out_path: Path) -> int:
-    """Append the records of ``<stem>-wK.jsonl`` files not yet in ``out_path`` (features paths made relative)."""
-    _repair_tail(out_path)
-    done = {r["id"] for r in read_jsonl(out_path)}
-    added = 0
-    with open(out_path, "a") as f:
-        for wp in sorted(out_path.parent.glob(f"{out_path.stem}-w*.jsonl")):
-            for rec in read_jsonl(wp):
-                if rec["id"] in done:
+    sampling = SamplingParams(temperature=0.0, max_tokens=gc.max_new_tokens)
+    spec = SpecParams(enabled=engine.drafter is not None, block_size=max(2, engine.max_block))
+    inflight: dict[str, tuple[Conversation, list[str], list[int]]] = {}
+    outputs: dict[str, list[int]] = {}
+    started = n_new = n_tok = 0
+    skipped = 0
+    t0 = last_flush = time.time()
+    bar = tqdm(total=total_turns, desc="generate", unit="turn", file=sys.stderr, smoothing=0.05)
+    try:
+        while queue or inflight:
+            while queue and len(inflight) < gc.batch and (gc.max_turns is None or started < gc.max_turns):
+                conv, answers = queue[0]
+                ids = chat_ids(tok, conv.messages(answers))
+                rid = f"{conv.id}/{len(answers)}"
+                try:
+                    engine.add_request(rid, ids, sampling, spec, tags={"role": conv.category})
+                except InvalidRequest:  # the conversation outgrew the context: it ends here
+                    queue.popleft()
+                    skipped += len(conv.turns) - len(answers)
+                    bar.total -= len(conv.turns) - len(answers)
                     continue
-                if "features" in rec and "/" not in rec["features"]:
-                    rec["features"] = f"{features_dir(wp).name}/{rec['features']}"
-                f.write(json.dumps(rec) + "\n")
-                done.add(rec["id"])
-                added += 1
-    return added
-
-
-def _worker(args):
-    model_dir, prompts, path, kw = args
-    generate_responses(model_dir, prompts, path, threads=1, **kw)
-    return str(path)
-
-
-def generate_parallel(model_dir: str | Path, prompts: list[Prompt], out_path: str | Path, workers: int = 1,
-                      **kw) -> list[dict]:
-    """``workers`` single-threaded processes on disjoint slices (far better than one process with several
-    intra-op threads on a busy shared CPU), then merged into ``out_path``. Resumable like the serial path."""
-    out_path = Path(out_path)
-    if workers <= 1:
-        return generate_responses(model_dir, prompts, out_path, **kw)
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    merge_worker_outputs(out_path)  # finished work of an interrupted run first, so slices never overlap
-    done = {r["id"] for r in read_jsonl(out_path)}
-    todo = [p for p in prompts if p.id not in done]
-    if todo:
-        jobs = [(str(model_dir), todo[k::workers], worker_path(out_path, k), kw) for k in range(workers)]
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
-            list(ex.map(_worker, jobs))
-        merge_worker_outputs(out_path)
-    return read_jsonl(out_path)
+                except NoCapacity:
+                    break
+                queue.popleft()
+                inflight[rid] = (conv, answers, ids)
+                outputs[rid] = []
+                started += 1
+            if not inflight:
+                break
+            for o in engine.step():
+                if o.error:
+                    raise RuntimeError(f"generation of {o.request_id} failed: {o.error}")
+                outputs[o.request_id].extend(o.new_token_ids)
+                n_tok += len(o.new_token_ids)
+                if not o.finished:
+                    continue
+                conv, answers, ids = inflight.pop(o.request_id)
+                resp = outputs.pop(o.request_id)
+                finish = "stop" if o.finish_reason == "stop" else "length"
+                writer.add(Record(conv.id, len(answers), conv.category, conv.split, ids, resp, finish))
+                n_new += 1
+                bar.update(1)
+                nxt = len(answers) + 1
+                if nxt < len(conv.turns):
+                    queue.appendleft((conv, answers + [answer_text(tok, resp, eos)]))
+            if len(writer.pending) >= gc.flush_every or (writer.pending and time.time() - last_flush > gc.flush_s):
+                writer.flush()
+                last_flush = time.time()
+            bar.set_postfix(tok_s=f"{n_tok / max(1e-6, time.time() - t0):.0f}", inflight=len(inflight))
+    finally:
+        writer.flush()  # everything answered so far (a KeyboardInterrupt loses only the turns in flight)
+        bar.close()
+    wall = time.time() - t0
+    print(f"generated {n_new} turns, {n_tok} tokens in {wall:.0f} s ({n_tok / max(wall, 1e-6):.1f} tok/s); "
+          f"corpus {out}: {m.num_records} records, {m.response_tokens} response tokens"
+          + (f"; {skipped} turns skipped (context full)" if skipped else ""), file=sys.stderr)
+    return m

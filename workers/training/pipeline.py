@@ -1,13 +1,16 @@
-"""`specfleet train-drafter` end to end: prompts -> target responses (+ cached features) -> training -> checkpoint.
+"""The two commands' glue: ``specfleet make-corpus`` (prompts -> our engine -> token corpus) and
+``specfleet train-drafter`` (token corpus -> DFlash drafter in the z-lab format, resumable, time-boxed).
 
-Every stage resumes: generation appends to a JSONL and skips finished ids, training continues from its last
-atomic checkpoint. The work directory (default ``<cache>/train/<out dir name>``) holds the data and checkpoints;
-the output directory receives only the z-lab-format drafter (config.json, model.safetensors) and a model card.
+Inputs are validated before any work: the corpus must have been made by this target (sha256 of weights +
+tokenizer, vocabulary size), a checkpoint must belong to the same target and drafter shape, a warm-start drafter
+must match exactly; each refusal names the mismatch. The output directory receives the drafter (config.json,
+model.safetensors, each replaced atomically at every evaluation), training.json (settings, data, tau curve)
+and a model card (README.md).
 """
 from __future__ import annotations
 
-import gc
 import json
+import os
 import platform
 import sys
 import time
@@ -16,29 +19,10 @@ from pathlib import Path
 
 import torch
 
-from workers.training.prompts import CATEGORIES, build_prompts
+from workers.training.generate import GenerationConfig
 from workers.training.train import TrainConfig
 
-
-@dataclass
-class PipelineConfig:
-    target: str  # HF model dir, or a known model name ("smollm2") fetched into the cache
-    out: str
-    work_dir: str | None = None
-    block_size: int = 16
-    layers: int = 2  # drafter decoder layers
-    num_features: int = 5  # number of target layers tapped (evenly spaced)
-    target_layer_ids: list[int] | None = None
-    mask_token_id: int | None = None  # default: an unused special token of the target vocabulary
-    prompts_per_category: int = 330
-    heldout_per_category: int = 30
-    val_per_category: int = 8  # train-split records kept out of training for the tau estimate
-    max_new_tokens: int = 160
-    gen_batch_size: int = 16
-    gen_workers: int = 1  # generation processes (single-threaded each)
-    device: str = "auto"
-    threads: int | None = None  # torch intra-op threads (1 is best on a busy shared CPU)
-    train: TrainConfig = field(default_factory=TrainConfig)
+MAX_DRAFTER_MB = 50
 
 
 def resolve_target(target: str) -> Path:
@@ -78,120 +62,211 @@ def pick_mask_token(tokenizer, vocab_size: int) -> int:
     return max(cands)
 
 
-def _split_val(samples, per_category: int):
-    val, seen = [], {}
-    for s in samples:
-        if seen.get(s.category, 0) < per_category:
-            seen[s.category] = seen.get(s.category, 0) + 1
-            val.append(s)
-    ids = {s.id for s in val}
-    return [s for s in samples if s.id not in ids], val
+def choose_layer_ids(n_layers: int, num_features: int, given: list[int] | None) -> list[int]:
+    from workers.models.dflash import default_target_layer_ids
 
-
-def run_pipeline(pc: PipelineConfig) -> dict:
-    from workers.hub import cache_root
-    from workers.models.dflash import DFlashDrafter, DrafterConfig, default_target_layer_ids, load_drafter, save_drafter
-    from workers.models.loader import load_model
-    from workers.training.data import load_samples, response_vocab
-    from workers.training.generate import generate_parallel
-    from workers.training.train import estimate_tau, train_drafter
-
-    t0 = time.time()
-    if pc.threads:
-        torch.set_num_threads(pc.threads)
-    target_dir = resolve_target(pc.target)
-    hf_cfg = json.loads((target_dir / "config.json").read_text())
-    from workers.models.config import ModelConfig
-
-    try:
-        tcfg = ModelConfig.from_hf(hf_cfg)
-    except ValueError as exc:
-        raise ValueError(f"cannot hook target {target_dir}: {exc}") from exc
-    n_layers = tcfg.num_hidden_layers
-    ids = list(pc.target_layer_ids or default_target_layer_ids(n_layers, pc.num_features))
-    if not pc.target_layer_ids and len(set(ids)) != len(ids):  # a shallow target: spread over all raw layers
-        k = min(pc.num_features, n_layers - 1)
+    ids = list(given or default_target_layer_ids(n_layers, num_features))
+    if not given and len(set(ids)) != len(ids):  # a shallow target: spread over all raw layers
+        k = min(num_features, n_layers - 1)
         ids = sorted({round(i * (n_layers - 2) / max(1, k - 1)) for i in range(k)})
     if not ids or any(not 0 <= i < n_layers - 1 for i in ids) or len(set(ids)) != len(ids):
         raise ValueError(f"target_layer_ids {ids} must be distinct layers in [0, {n_layers - 2}] "
                          f"(the target has {n_layers} layers; its last output is normed, not raw)")
-    if pc.block_size < 2:
-        raise ValueError(f"block size must be >= 2, got {pc.block_size}")
+    return ids
 
-    out = Path(pc.out).expanduser()
-    work = Path(pc.work_dir).expanduser() if pc.work_dir else cache_root() / "train" / out.name
-    work.mkdir(parents=True, exist_ok=True)
-    meta_path = work / "meta.json"
-    data_key = {"target": str(target_dir), "target_layer_ids": ids, "prompts_per_category": pc.prompts_per_category,
-                "heldout_per_category": pc.heldout_per_category, "max_new_tokens": pc.max_new_tokens,
-                "seed": pc.train.seed}
-    if meta_path.exists():
-        old = json.loads(meta_path.read_text())
-        if old != data_key:
-            raise ValueError(f"{work} holds data made with other settings ({old}); pass another --work-dir")
-    else:
-        meta_path.write_text(json.dumps(data_key, indent=1))
 
-    # ---- 1+2: prompts and the target's own answers (with layer features) ----
-    prompts = build_prompts(pc.prompts_per_category, pc.heldout_per_category, seed=pc.train.seed)
-    by_cat = {c: [p for p in prompts if p.split == "train" and p.category == c] for c in CATEGORIES}
-    order = [p for group in zip(*by_cat.values()) for p in group]  # categories interleaved
-    responses = work / "responses.jsonl"
-    t_gen = time.time()
-    kw = dict(max_new_tokens=pc.max_new_tokens, batch_size=pc.gen_batch_size, device=pc.device,
-              capture_layers=ids)
-    generate_parallel(target_dir, order, responses, pc.gen_workers, **kw, **({} if pc.gen_workers > 1 else
-                                                                          {"threads": pc.threads}))
-    gen_s = time.time() - t_gen
-    gc.collect()
+# ------------------------------------------------------------------------------------------ corpus
+@dataclass
+class CorpusConfig:
+    target: str
+    out: str
+    counts: dict[str, int] | None = None  # conversations per category (default prompts.DEFAULT_COUNTS)
+    heldout: int = 40
+    seed: int = 0
+    gen: GenerationConfig = field(default_factory=GenerationConfig)
+    threads: int | None = None
 
-    # ---- 3: data ----
-    lm = load_model(target_dir, dtype="float32", device=pc.device)
-    model, tok = lm.model, lm.tokenizer
-    mask_id = pc.mask_token_id if pc.mask_token_id is not None else pick_mask_token(tok, tcfg.vocab_size)
+
+def run_make_corpus(cc: CorpusConfig, engine=None) -> dict:
+    from workers.training.generate import generate_corpus
+    from workers.training.prompts import DEFAULT_COUNTS, build_conversations, interleave
+
+    if cc.threads:
+        torch.set_num_threads(cc.threads)
+    target_dir = resolve_target(cc.target)
+    counts = dict(cc.counts or DEFAULT_COUNTS)
+    convs = interleave(build_conversations(counts, cc.heldout, cc.seed))
+    prompts = {"builder": "workers.training.prompts.build_conversations", "seed": cc.seed, "heldout": cc.heldout,
+               "counts": counts, "conversations": len(convs), "turns": sum(len(c.turns) for c in convs)}
+    m = generate_corpus(target_dir, cc.out, convs, prompts, cc.gen, target_name=cc.target, engine=engine)
+    return {"corpus": cc.out, "records": m.num_records, "response_tokens": m.response_tokens, "by_category": m.counts()}
+
+
+# ---------------------------------------------------------------------------------------- training
+@dataclass
+class RunConfig:
+    target: str
+    corpus: str
+    out: str
+    work_dir: str | None = None
+    block_size: int = 16
+    layers: int = 2
+    num_features: int = 5
+    target_layer_ids: list[int] | None = None
+    mask_token_id: int | None = None
+    init: str | None = None  # warm start: a z-lab drafter directory with the same shapes
+    init_from_target: str | None = None  # "last" | "i,j,k": drafter layers copied from these target layers
+    eval_per_category: int = 8  # held-out sequences per category in the periodic tau
+    device: str = "auto"
+    threads: int | None = None
+    resume: bool = True
+    command: str = ""  # the command line, for the model card
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def work_dir_for(rc: RunConfig) -> Path:
+    from workers.hub import cache_root
+
+    return Path(rc.work_dir).expanduser() if rc.work_dir else cache_root() / "train" / Path(rc.out).name
+
+
+def _eval_set(samples, per_category: int):
+    out, seen = [], {}
+    for s in sorted(samples, key=lambda s: s.id):
+        if seen.get(s.category, 0) < per_category:
+            seen[s.category] = seen.get(s.category, 0) + 1
+            out.append(s)
+    return out
+
+
+def export(drafter, out: Path, summary: dict) -> None:
+    """z-lab drafter (bf16) + training.json + model card, each file replaced atomically."""
+    from workers.models.dflash import save_drafter
+    from workers.training.card import render_card
+
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".export.tmp"
+    save_drafter(drafter, tmp, dtype=torch.bfloat16)
+    size_mb = (tmp / "model.safetensors").stat().st_size / 2**20
+    if size_mb > MAX_DRAFTER_MB:
+        print(f"warning: the drafter weighs {size_mb:.1f} MB (> {MAX_DRAFTER_MB} MB)", file=sys.stderr)
+    summary = {**summary, "drafter_mb": round(size_mb, 1)}
+    old = out / "training.json"
+    if old.is_file():  # keep engine acceptance figures measured for an earlier export of this run
+        prev = json.loads(old.read_text())
+        if "engine_acceptance" in prev and prev.get("step") == summary.get("step"):
+            summary["engine_acceptance"] = prev["engine_acceptance"]
+    (tmp / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (tmp / "README.md").write_text(render_card(summary))
+    for name in ("model.safetensors", "config.json", "training.json", "README.md"):
+        os.replace(tmp / name, out / name)
+    tmp.rmdir()
+
+
+def run_training(rc: RunConfig) -> dict:
+    from workers.models.dflash import DrafterConfig, load_drafter, validate_against_target
+    from workers.models.config import ModelConfig
+    from workers.models.loader import load_model
+    from workers.training.corpus import check_target, read_manifest, read_records, target_fingerprint
+    from workers.training.data import to_samples
+    from workers.training.drafter_init import from_target_layers, parse_init_layers, random_drafter, warm_start
+    from workers.training.train import train, use_autocast
+
+    t0 = time.time()
+    if rc.threads:
+        torch.set_num_threads(rc.threads)
+    target_dir = resolve_target(rc.target)
+    try:
+        tcfg = ModelConfig.from_hf(json.loads((target_dir / "config.json").read_text()))
+    except ValueError as exc:
+        raise ValueError(f"cannot hook target {target_dir}: {exc}") from exc
+    ids = choose_layer_ids(tcfg.num_hidden_layers, rc.num_features, rc.target_layer_ids)
+    if rc.block_size < 2:
+        raise ValueError(f"block size must be >= 2, got {rc.block_size}")
+    if rc.layers < 1:
+        raise ValueError(f"the drafter needs at least one layer, got {rc.layers}")
+    corpus = Path(rc.corpus).expanduser()
+    manifest = read_manifest(corpus)
+    sha = target_fingerprint(target_dir)
+    check_target(manifest, sha, tcfg.vocab_size, f"corpus {corpus}")
+    records = read_records(corpus, manifest)
+
+    lm = load_model(target_dir, dtype="auto", device=rc.device)
+    target, tok = lm.model, lm.tokenizer
+    mask_id = rc.mask_token_id if rc.mask_token_id is not None else pick_mask_token(tok, tcfg.vocab_size)
     if not 0 <= mask_id < tcfg.vocab_size:
         raise ValueError(f"mask token id {mask_id} is not a row of the target's embedding table")
-    samples = load_samples(responses, len(ids) * tcfg.hidden_size, tcfg.vocab_size, split="train")
-    if any(mask_id in s.tokens.tolist() for s in samples):
-        raise ValueError(f"mask token id {mask_id} occurs in the generated data; choose another --mask-token-id")
-    train, val = _split_val(samples, pc.val_per_category)
+    if any(mask_id in r.prompt_ids or mask_id in r.response_ids for r in records):
+        raise ValueError(f"mask token id {mask_id} occurs in the corpus; choose another --mask-token-id")
+    train_samples = to_samples(records, "train")
+    eval_samples = _eval_set(to_samples(records, "heldout"), rc.eval_per_category)
 
-    # ---- 4: drafter ----
-    dc = DrafterConfig.for_target(tcfg, num_hidden_layers=pc.layers, mask_token_id=mask_id,
-                                  block_size=pc.block_size, target_layer_ids=ids)
-    torch.manual_seed(pc.train.seed)
-    drafter = DFlashDrafter(dc)
-    with torch.no_grad():
-        for name, p in drafter.named_parameters():
-            if p.dim() == 2:
-                torch.nn.init.normal_(p, std=0.02)
-        drafter.norm.weight.copy_(model.model.norm.weight)  # its output feeds the target's lm_head
-    drafter = drafter.to(model.lm_head.weight.device)
-    embed_w = model.model.embed_tokens.weight.detach()
-    head_w = model.lm_head.weight.detach()
-    del model
-    gc.collect()
-    pc.train.log_path = pc.train.log_path or str(work / "train_log.jsonl")
-    state = train_drafter(drafter, embed_w, head_w, train, val, pc.train, work / "checkpoint.pt")
-    final = estimate_tau(drafter, embed_w, head_w, val, dc.block_size, dc.mask_token_id, n_anchors=10_000,
-                         seqs_per_batch=1)
+    dc = DrafterConfig.for_target(tcfg, num_hidden_layers=rc.layers, mask_token_id=mask_id,
+                                  block_size=rc.block_size, target_layer_ids=ids)
+    validate_against_target(dc, tcfg)
+    work = work_dir_for(rc)
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt = work / "checkpoint.pt"
+    if not rc.resume and ckpt.exists():
+        os.replace(ckpt, work / "checkpoint.pt.old")  # set aside, not deleted
+    drafter = random_drafter(dc, target, rc.train.seed)
+    init = "random"
+    if not ckpt.exists():
+        if rc.init:
+            warm_start(drafter, rc.init, tcfg)
+            init = f"warm start from {rc.init}"
+        elif rc.init_from_target:
+            layers = parse_init_layers(rc.init_from_target, rc.layers, tcfg.num_hidden_layers)
+            from_target_layers(drafter, target, layers)
+            init = f"layers copied from target layers {layers}"
+    drafter = drafter.to(target.lm_head.weight.device)
+    meta = {"target_sha256": sha, "vocab_size": tcfg.vocab_size, "corpus": str(corpus),
+            "init": init if not ckpt.exists() else None}
+    if ckpt.exists():
+        from workers.training.train import load_checkpoint
 
-    # ---- 5: output ----
-    save_drafter(drafter.cpu(), out, dtype=torch.bfloat16)
+        meta["init"] = load_checkpoint(ckpt).get("meta", {}).get("init", "unknown")
+    rc.train.log_path = rc.train.log_path or str(work / "train_log.jsonl")
+    max_new = manifest.generation.get("max_new_tokens")
+    counts = manifest.counts()
+    out = Path(rc.out).expanduser()
+    sizes: dict[str, int] = {}
+    for s in train_samples:
+        sizes[s.category] = sizes.get(s.category, 0) + 1
+
+    def summary(state, ev: dict | None) -> dict:
+        return {
+            "out": str(out), "target": {"name": rc.target, "sha256": sha, "layers": tcfg.num_hidden_layers},
+            "drafter": {"layers": rc.layers, "block_size": rc.block_size, "target_layer_ids": ids,
+                        "mask_token_id": mask_id, "mask_token": tok.convert_ids_to_tokens(mask_id) if tok else None,
+                        "init": meta["init"]},
+            "corpus": {"path": str(corpus), "records": manifest.num_records,
+                       "response_tokens": manifest.response_tokens, "by_category": counts,
+                       "generation": manifest.generation, "prompts": manifest.prompts},
+            "data": {"train_sequences": len(train_samples), "eval_sequences": len(eval_samples),
+                     "mix": rc.train.mix, "epochs": {c: round(e + cur / max(1, sizes.get(c, 1)), 3)
+                                                     for c, (e, cur) in sorted(state.sampler.items())}},
+            "train_config": asdict(rc.train), "step": state.step, "train_minutes": round(state.elapsed_s / 60, 2),
+            "offline_tau": ev, "history": state.history, "command": rc.command,
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
+                       f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}, "
+                       f"bf16 autocast {'on' if use_autocast(rc.train, target.lm_head.weight.device) else 'off'}",
+            "load_average": Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else None,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        }
+
+    last: dict = {}
+
+    def on_eval(state, ev):
+        last["ev"] = ev
+        export(drafter, out, summary(state, ev))
+
+    print(f"corpus {corpus}: {len(train_samples)} training sequences, {len(eval_samples)} held-out for tau; "
+          f"drafter {rc.layers} layers, block {rc.block_size}, target layers {ids}, mask {mask_id}; init {meta['init']}",
+          file=sys.stderr)
+    state = train(drafter, target, train_samples, eval_samples, rc.train, ckpt, meta, max_new, on_eval, rc.resume)
+    final = summary(state, last.get("ev") or (state.history[-1] if state.history else None))
+    export(drafter, out, final)
     load_drafter(out, tcfg)  # the engine's loader accepts what we wrote
-    n_tokens = sum(len(s.tokens) - s.prompt_len for s in samples)
-    summary = {
-        "target": str(target_dir), "drafter_layers": pc.layers, "block_size": dc.block_size,
-        "target_layer_ids": ids, "mask_token_id": mask_id,
-        "mask_token": tok.convert_ids_to_tokens(mask_id) if tok is not None else None,
-        "train_sequences": len(train), "val_sequences": len(val), "response_tokens": n_tokens,
-        "candidate_vocab": int(len(response_vocab(train))) + pc.train.n_negatives,
-        "steps": state.step, "train_wall_s": round(state.elapsed_s, 1), "generation_wall_s": round(gen_s, 1),
-        "total_wall_s": round(time.time() - t0, 1), "offline_tau": final,
-        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, "
-                   f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}",
-        "train_config": asdict(pc.train), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-    }
-    (work / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(json.dumps({k: summary[k] for k in ("steps", "train_wall_s", "offline_tau")}, indent=1), file=sys.stderr)
-    return summary
+    final["total_wall_s"] = round(time.time() - t0, 1)
+    return final

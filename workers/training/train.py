@@ -1,11 +1,14 @@
-"""Stage 4 of the trainer: the DFlash recipe on cached target features.
+"""Stage 3 of the trainer: the DFlash recipe, target features recomputed on the fly, time-boxed and resumable.
 
-Target frozen (only its embedding and lm_head are used here; its layer outputs were cached during
-generation). Loss: cross-entropy on block rows k = 1..B-1, weighted by exp(-(k-1)/gamma), over a restricted
-candidate vocabulary = every token that occurs in the training responses (all labels are among them) plus
-``n_negatives`` other ids sampled afresh each step (pushes the rest of the 49k-row lm_head down at a fraction of
-the cost). The periodic tau estimate uses the full vocabulary (greedy, teacher-forced on held-out sequences).
-Checkpoints (drafter + AdamW + step) are written atomically; ``resume`` continues from the last one.
+One step: draw ``seqs_per_step`` sequences (data mix), ``anchors_per_seq`` random anchors each; target features
+for their context (frozen target, no grad); the drafter's block-sparse forward (bf16 autocast on CPUs with
+native bf16 and on CUDA, fp32 master weights); weighted cross-entropy on rows k >= 1, weight
+exp(-(k-1)/gamma), through the target's lm_head over the full vocabulary (chunked, workers/training/loss.py)
+or, with ``loss_vocab="restricted"``, over the response vocabulary + sampled negatives; AdamW.
+
+Every ``eval_minutes`` the held-out tau (workers/training/evaluate.py, the engine's T=0 acceptance) is measured
+and ``on_eval`` exports the drafter; every ``ckpt_minutes`` and at the end a checkpoint (drafter, AdamW, step,
+elapsed, sampler state, history) is written atomically. A rerun resumes from it.
 """
 from __future__ import annotations
 
@@ -17,197 +20,234 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from workers.training.data import IGNORE, Batch, Sample, make_batch, response_vocab
+from workers.training.block_forward import blocks_forward
+from workers.training.data import IGNORE, MixSampler, Sample, make_batch, random_anchors
+from workers.training.evaluate import offline_tau
+from workers.training.features import target_features
+from workers.training.loss import fused_linear_ce
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 2000
+    minutes: float = 60.0  # training time of the run, cumulative over resumes (evaluations not counted)
+    max_steps: int | None = None  # optional step budget (whichever ends first)
     seqs_per_step: int = 4
-    anchors_per_seq: int = 32
+    anchors_per_seq: int = 64
     lr: float = 6e-4
-    warmup: int = 50
+    warmup: int = 100
+    min_lr_frac: float = 0.1
     weight_decay: float = 0.01
     gamma: float = 7.0  # loss weight exp(-(k-1)/gamma)
-    n_negatives: int = 4096
     grad_clip: float = 1.0
-    eval_every: int = 100
-    eval_anchors: int = 16  # evenly spaced anchors per held-out sequence in the tau estimate
-    ckpt_every: int = 50
+    loss_vocab: str = "full"  # full | restricted (response tokens + n_negatives sampled ids)
+    n_negatives: int = 4096
+    loss_chunk: int = 1024  # rows per lm_head chunk
+    eval_minutes: float = 10.0
+    ckpt_minutes: float = 5.0
+    eval_every_steps: int | None = None  # overrides eval_minutes (tests, overfit runs)
+    stop_at_tau: float | None = None  # end once the held-out tau reaches this (overfit runs)
     seed: int = 0
-    max_minutes: float | None = None  # stop (and save) after this wall time
-    log_path: str | None = None  # JSONL of loss / tau
+    mix: dict[str, float] | None = None  # category -> weight; None = as the corpus holds them
+    autocast: str = "auto"  # auto | on | off (bf16)
+    log_path: str | None = None
+
+    def __post_init__(self):
+        if self.loss_vocab not in ("full", "restricted"):
+            raise ValueError(f"loss_vocab must be 'full' or 'restricted', got {self.loss_vocab!r}")
+        if self.minutes <= 0 or self.seqs_per_step < 1 or self.anchors_per_seq < 1:
+            raise ValueError("minutes, seqs_per_step and anchors_per_seq must be positive")
 
 
 @dataclass
 class TrainState:
     step: int = 0
     elapsed_s: float = 0.0
-    history: list[dict] = field(default_factory=list)
+    sampler: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)  # eval records
+    last_eval_s: float = 0.0
 
 
-def lr_at(step: int, cfg: TrainConfig, elapsed_s: float = 0.0) -> float:
-    """Linear warmup, then cosine to 10%; with ``max_minutes`` the decay follows whichever budget (steps or
-    wall time) is used up faster, so a time-boxed run still ends at the low learning rate."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    if cfg.max_minutes:
-        frac = max(frac, elapsed_s / (60 * cfg.max_minutes))
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+def lr_at(state: TrainState, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine to min_lr_frac over the budget (time, or steps if that ends first)."""
+    if state.step < cfg.warmup:
+        return cfg.lr * (state.step + 1) / cfg.warmup
+    frac = state.elapsed_s / (60 * cfg.minutes)
+    if cfg.max_steps:
+        frac = max(frac, (state.step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup))
+    lo = cfg.min_lr_frac
+    return cfg.lr * (lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
 
-def block_loss(drafter, embed_w: torch.Tensor, head_w: torch.Tensor, batch: Batch, cand: torch.Tensor,
-               cand_index: torch.Tensor, gamma: float, autocast: bool = False) -> torch.Tensor:
-    """Weighted CE over the candidate vocabulary ``cand`` [Vc]; cand_index maps vocab id -> row of cand."""
-    dev = embed_w.device
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-        hidden = drafter(F.embedding(batch.block_ids.to(dev), embed_w), batch.ctx_features.to(dev),
-                         batch.q_positions.to(dev), batch.ctx_positions.to(dev), batch.attn_mask.to(dev))  # [b,Q,H]
+def use_autocast(cfg: TrainConfig, device: torch.device) -> bool:
+    if cfg.autocast != "auto":
+        return cfg.autocast == "on"
+    from workers.models.loader import cpu_has_native_bf16
+
+    return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+
+
+def step_loss(drafter, target, batch, cfg: TrainConfig, autocast: bool, vocab: torch.Tensor | None = None,
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+    """Weighted block CE for one batch; -> (loss, metrics)."""
+    dev = target.lm_head.weight.device
+    c = drafter.config
+    feats = target_features(target, batch.tokens.to(dev), c.target_layer_ids)  # [b, C, F], no grad
+    emb = F.embedding(batch.block_ids.to(dev), target.model.embed_tokens.weight).float()  # [b, NB, H]
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+        hidden = blocks_forward(drafter, emb, feats.float(), batch.anchors.to(dev))  # [b, NB, H]
     labels = batch.labels.to(dev)
     sel = labels != IGNORE
-    h = hidden[sel].float()  # [N, H]
-    logits = h @ head_w[cand].T  # [N, Vc]
-    target = cand_index[labels[sel]]
-    w = torch.exp(-(batch.offsets.to(dev)[sel].float() - 1) / gamma)  # [N]
-    ce = F.cross_entropy(logits, target, reduction="none")
-    return (w * ce).sum() / w.sum()
+    k = (torch.arange(labels.shape[1], device=dev) % c.block_size).expand_as(labels)[sel]
+    w = torch.exp(-(k.float() - 1) / cfg.gamma)
+    target_ids = labels[sel]
+    head = target.lm_head.weight
+    if vocab is not None:  # restricted: response vocabulary + fresh negatives
+        others = torch.ones(head.shape[0], dtype=torch.bool, device=dev)
+        others[vocab] = False
+        others = others.nonzero().squeeze(1)
+        neg = others[torch.randperm(len(others), generator=generator)[: cfg.n_negatives].to(dev)]
+        cand = torch.cat([vocab, neg])
+        index = torch.full((head.shape[0],), -1, dtype=torch.long, device=dev)
+        index[cand] = torch.arange(len(cand), device=dev)
+        head, target_ids = head[cand], index[target_ids]
+    loss, correct = fused_linear_ce(hidden[sel], head, target_ids, w, cfg.loss_chunk,
+                                    torch.bfloat16 if autocast else torch.float32)
+    first = k == 1
+    return loss, {"acc1": correct[first].float().mean().item() if first.any() else 0.0, "rows": int(sel.sum())}
 
 
-@torch.no_grad()
-def estimate_tau(drafter, embed_w, head_w, samples: list[Sample], block_size: int, mask_token_id: int,
-                 n_anchors: int = 16, seqs_per_batch: int = 4) -> dict:
-    """Greedy teacher-forced acceptance: tau = 1 + mean accepted prefix; per category and per position."""
-    was_training = drafter.training
-    drafter.eval()
-    acc_len: dict[str, list[int]] = {}
-    walk: dict[str, list[int]] = {}  # committed tokens per target pass along the greedy decoding trajectory
-    pos_hits = torch.zeros(block_size - 1)
-    pos_total = torch.zeros(block_size - 1)
-    rng = random.Random(0)
-    for s0 in range(0, len(samples), seqs_per_batch):
-        chunk = samples[s0 : s0 + seqs_per_batch]
-        b = make_batch(chunk, n_anchors, block_size, mask_token_id, rng, evenly=True)
-        hidden = drafter(F.embedding(b.block_ids.to(embed_w.device), embed_w), b.ctx_features.to(embed_w.device),
-                         b.q_positions.to(embed_w.device), b.ctx_positions.to(embed_w.device),
-                         b.attn_mask.to(embed_w.device))
-        pred = torch.cat([(hidden[:, i : i + 256].float() @ head_w.T).argmax(-1).cpu()  # [b, Q], in chunks
-                          for i in range(0, hidden.shape[1], 256)], dim=1)
-        for i, (cat, n) in enumerate(zip(b.categories, b.anchors_per_seq)):
-            p = pred[i, : n * block_size].view(n, block_size)[:, 1:]
-            lab = b.labels[i, : n * block_size].view(n, block_size)[:, 1:]
-            valid = lab != IGNORE
-            match = (p == lab) & valid
-            prefix = torch.cumprod(match.int(), dim=1)  # 1 while every earlier row matched
-            acc = prefix.sum(1).tolist()
-            acc_len.setdefault(cat, []).extend(acc)
-            if n == chunk[i].num_anchors:  # every position drafted: replay greedy speculative decoding
-                j = 0
-                while j < n:
-                    walk.setdefault(cat, []).append(acc[j] + 1)
-                    j += acc[j] + 1
-            # position k counts if all rows <= k were checkable and matched
-            pos_hits += prefix.sum(0).float()
-            pos_total += torch.cumprod(valid.int(), dim=1).sum(0).float()
-    if was_training:
-        drafter.train()
-    allv = [a for v in acc_len.values() for a in v]
-    return {
-        "tau": 1 + sum(allv) / max(1, len(allv)),
-        "tau_by_category": {c: 1 + sum(v) / max(1, len(v)) for c, v in sorted(acc_len.items())},
-        "accept_by_position": (pos_hits / pos_total.clamp(min=1)).tolist(),
-        "n_blocks": len(allv),
-        **({"tau_walk": sum(sum(v) for v in walk.values()) / sum(len(v) for v in walk.values()),
-            "tau_walk_by_category": {c: sum(v) / len(v) for c, v in sorted(walk.items())}} if walk else {}),
-    }
-
-
-def _save_ckpt(path: Path, drafter, opt, state: TrainState, cfg: TrainConfig) -> None:
+def save_checkpoint(path: Path, drafter, opt, state: TrainState, cfg: TrainConfig, meta: dict) -> None:
+    """Atomic: a temp file, fsync, rename (a kill mid-write leaves the previous checkpoint intact)."""
     tmp = path.with_name(path.name + ".tmp")
     torch.save({"drafter": drafter.state_dict(), "drafter_config": asdict(drafter.config), "opt": opt.state_dict(),
-                "state": asdict(state), "train_config": asdict(cfg)}, tmp)
+                "state": asdict(state), "train_config": asdict(cfg), "meta": meta}, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def load_ckpt(path: Path) -> dict:
+def load_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # a torn file cannot happen with atomic writes, but a copied one can
+    except Exception as exc:  # a copied or damaged file (our own writes are atomic)
         raise ValueError(f"checkpoint {path} is unreadable ({exc}); delete it to start over") from exc
 
 
-def train_drafter(drafter, embed_w: torch.Tensor, head_w: torch.Tensor, train: list[Sample], val: list[Sample],
-                  cfg: TrainConfig, ckpt_path: Path, resume: bool = True) -> TrainState:
-    """Train in place; returns the final state (history holds loss and tau estimates)."""
+def check_checkpoint(ck: dict, drafter_config: dict, meta: dict, path: Path) -> None:
+    """Refuse a checkpoint for another target / drafter shape, naming the first difference."""
+    for key in ("target_sha256", "vocab_size"):
+        if ck.get("meta", {}).get(key) != meta.get(key):
+            raise ValueError(f"checkpoint {path} was trained for {key}={ck.get('meta', {}).get(key)!r}; this run "
+                             f"has {meta.get(key)!r}. Use another --work-dir or delete the checkpoint")
+    old = ck["drafter_config"]
+    for key in sorted(set(old) | set(drafter_config)):
+        if key != "extra" and old.get(key) != drafter_config.get(key):
+            raise ValueError(f"checkpoint {path} holds a drafter with {key}={old.get(key)!r}; this run asks for "
+                             f"{drafter_config.get(key)!r}. Use another --work-dir or delete the checkpoint")
+
+
+def train(drafter, target, train_samples: list[Sample], eval_samples: list[Sample], cfg: TrainConfig,
+          ckpt_path: Path, meta: dict, max_new_tokens: int | None,
+          on_eval: Callable[[TrainState, dict], None] | None = None, resume: bool = True) -> TrainState:
+    """Train ``drafter`` in place until the time / step budget is spent; returns the final state."""
     from tqdm import tqdm
 
-    if not train:
-        raise ValueError("no training samples")
-    dev = embed_w.device
-    autocast = dev.type == "cuda"
-    c = drafter.config
-    cand_base = response_vocab(train).to(dev)
-    vocab = embed_w.shape[0]
+    if not train_samples:
+        raise ValueError("no training sequences (is the corpus empty, or all held out?)")
+    dev = target.lm_head.weight.device
+    autocast = use_autocast(cfg, dev)
     opt = torch.optim.AdamW(drafter.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    sampler = MixSampler(train_samples, cfg.mix, cfg.seed)
     state = TrainState()
     if resume and ckpt_path.is_file():
-        ck = load_ckpt(ckpt_path)
-        if ck["drafter_config"] != asdict(c):
-            raise ValueError(f"{ckpt_path} was written for another drafter config; use a new work dir or delete it")
+        ck = load_checkpoint(ckpt_path)
+        check_checkpoint(ck, asdict(drafter.config), meta, ckpt_path)
         drafter.load_state_dict(ck["drafter"])
         opt.load_state_dict(ck["opt"])
         state = TrainState(**ck["state"])
-        print(f"resuming from step {state.step} ({ckpt_path})", file=sys.stderr)
+        sampler.state.update({c: v for c, v in state.sampler.items() if c in sampler.state})
+        print(f"resuming {ckpt_path} at step {state.step} ({state.elapsed_s / 60:.1f} of {cfg.minutes:g} min)",
+              file=sys.stderr)
+    vocab = None
+    if cfg.loss_vocab == "restricted":
+        vocab = torch.unique(torch.cat([s.tokens[s.prompt_len:] for s in train_samples])).to(dev)
     drafter.train()
-    others = torch.ones(vocab, dtype=torch.bool, device=dev)
-    others[cand_base] = False
-    others = others.nonzero().squeeze(1)
     log = open(cfg.log_path, "a") if cfg.log_path else None
-    bar = tqdm(total=cfg.steps, initial=state.step, desc="train", unit="step", file=sys.stderr)
-    t_start, elapsed0 = time.time(), state.elapsed_s
+    budget_s = 60 * cfg.minutes
+    bar = tqdm(total=round(cfg.minutes, 2), initial=round(state.elapsed_s / 60, 2), desc="train", unit="min",
+               file=sys.stderr, mininterval=2.0, bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} min [{elapsed}<{remaining}{postfix}]")
     ema = None
-    last_tau = state.history[-1].get("tau") if state.history else None
-    while state.step < cfg.steps:
-        rng = random.Random(cfg.seed * 1_000_003 + state.step)  # deterministic per step: resume-safe
-        batch = make_batch(rng.sample(train, min(cfg.seqs_per_step, len(train))), cfg.anchors_per_seq,
-                           c.block_size, c.mask_token_id, rng)
-        g = torch.Generator(device="cpu").manual_seed(cfg.seed + state.step)
-        neg = others[torch.randperm(len(others), generator=g)[: cfg.n_negatives].to(dev)]
-        cand = torch.cat([cand_base, neg])
-        cand_index = torch.full((vocab,), -1, dtype=torch.long, device=dev)
-        cand_index[cand] = torch.arange(len(cand), device=dev)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(state.step, cfg, state.elapsed_s)
-        loss = block_loss(drafter, embed_w, head_w, batch, cand, cand_index, cfg.gamma, autocast)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(drafter.parameters(), cfg.grad_clip)
-        opt.step()
-        state.step += 1
-        state.elapsed_s = elapsed0 + time.time() - t_start
-        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        rec = {"step": state.step, "loss": round(loss.item(), 4), "lr": round(opt.param_groups[0]["lr"], 7),
-               "elapsed_s": round(state.elapsed_s, 1)}
-        done = state.step >= cfg.steps or (cfg.max_minutes and state.elapsed_s > 60 * cfg.max_minutes)
-        if val and (state.step % cfg.eval_every == 0 or done):
-            ev = estimate_tau(drafter, embed_w, head_w, val, c.block_size, c.mask_token_id, cfg.eval_anchors)
-            rec.update(tau=round(ev["tau"], 3), tau_by_category={k: round(v, 3) for k, v in ev["tau_by_category"].items()})
-            last_tau = ev["tau"]
-            state.history.append(rec)
-        bar.update(1)
-        bar.set_postfix(loss=f"{ema:.3f}", tau=f"{last_tau:.2f}" if last_tau else "-")
+    last_tau = state.history[-1]["tau"] if state.history else None
+    t_run, elapsed0, last_ckpt = time.time(), state.elapsed_s, time.time()
+
+    def evaluate() -> dict:
+        ev = offline_tau(drafter, target, eval_samples, max_new_tokens)
+        rec = {"step": state.step, "elapsed_min": round(state.elapsed_s / 60, 2), "tau": ev["tau"],
+               "p_first": ev["p_first"], "tau_by_category": {k: v["tau"] for k, v in ev["by_category"].items()},
+               "loss": round(ema, 4) if ema is not None else None}
+        state.history.append(rec)
+        state.last_eval_s = state.elapsed_s
         if log:
-            log.write(json.dumps(rec) + "\n")
+            log.write(json.dumps({"eval": rec}) + "\n")
             log.flush()
-        if state.step % cfg.ckpt_every == 0 or done:
-            _save_ckpt(ckpt_path, drafter, opt, state, cfg)
-        if done:
-            break
-    bar.close()
-    if log:
-        log.close()
+        if on_eval:
+            on_eval(state, ev)
+        return ev
+
+    try:
+        while True:
+            done = state.elapsed_s >= budget_s or (cfg.max_steps is not None and state.step >= cfg.max_steps)
+            if done:
+                break
+            t_step = time.time()
+            rng_step = state.step
+            seqs = sampler.draw(cfg.seqs_per_step, rng_step)
+            arng = random.Random(cfg.seed * 7_919 + rng_step)
+            batch = make_batch(seqs, [random_anchors(s, cfg.anchors_per_seq, arng) for s in seqs],
+                               drafter.config.block_size, drafter.config.mask_token_id)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(state, cfg)
+            gen = torch.Generator().manual_seed(cfg.seed + rng_step)
+            loss, m = step_loss(drafter, target, batch, cfg, autocast, vocab, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(drafter.parameters(), cfg.grad_clip)
+            opt.step()
+            state.step += 1
+            state.sampler = sampler.state
+            state.elapsed_s = elapsed0 + time.time() - t_run
+            lv = loss.item()
+            ema = lv if ema is None else 0.98 * ema + 0.02 * lv
+            if log and (state.step % 10 == 0 or state.step < 10):
+                log.write(json.dumps({"step": state.step, "loss": round(lv, 4), "acc1": round(m["acc1"], 3),
+                                      "rows": m["rows"], "lr": round(opt.param_groups[0]["lr"], 7),
+                                      "grad_norm": round(float(gnorm), 3), "step_s": round(time.time() - t_step, 3),
+                                      "elapsed_s": round(state.elapsed_s, 1)}) + "\n")
+                log.flush()
+            due = (state.step % cfg.eval_every_steps == 0) if cfg.eval_every_steps else \
+                (state.elapsed_s - state.last_eval_s >= 60 * cfg.eval_minutes)
+            if eval_samples and due:
+                t_eval = time.time()
+                last_tau = evaluate()["tau"]
+                t_run += time.time() - t_eval  # the budget counts training time, not evaluations
+                if cfg.stop_at_tau is not None and last_tau >= cfg.stop_at_tau:
+                    break
+            bar.n = round(min(state.elapsed_s, budget_s) / 60, 2)
+            bar.set_postfix_str(f"step {state.step}, loss {ema:.3f}, acc1 {m['acc1']:.2f}, "
+                                f"tau {last_tau if last_tau is not None else '-'}, lr {opt.param_groups[0]['lr']:.1e}")
+            if time.time() - last_ckpt >= 60 * cfg.ckpt_minutes:
+                save_checkpoint(ckpt_path, drafter, opt, state, cfg, meta)
+                last_ckpt = time.time()
+        if eval_samples and (not state.history or state.history[-1]["step"] != state.step):
+            evaluate()
+    finally:  # also on KeyboardInterrupt / kill -INT: nothing trained is lost
+        save_checkpoint(ckpt_path, drafter, opt, state, cfg, meta)
+        bar.close()
+        if log:
+            log.close()
     return state

@@ -1,0 +1,28 @@
+"""Target features for training, recomputed from token ids (the corpus stores no features).
+
+The drafter's context at position j is the concatenation of the raw outputs of target layers
+``target_layer_ids`` for token j (HF ``hidden_states[t + 1]``), exactly what the engine captures in
+``CausalLM.forward_paged(capture_layers=...)`` while serving. Here one full causal forward per padded batch
+computes them; the layers after the deepest tapped one, the final norm and the lm_head are skipped.
+"""
+from __future__ import annotations
+
+import torch
+
+from workers.models.llama import CausalLM, rope_cos_sin
+
+
+@torch.no_grad()
+def target_features(model: CausalLM, tokens: torch.Tensor, layer_ids: list[int]) -> torch.Tensor:
+    """tokens [b, T] (right-padded: causal attention keeps padding out of real rows) -> [b, T, n_feat*H]
+    in the model's dtype."""
+    positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    cos, sin = rope_cos_sin(model.rope, positions)
+    x = model.embed(tokens)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    want, captured = set(layer_ids), {}
+    for i, layer in enumerate(model.model.layers[: max(layer_ids) + 1]):
+        x = layer(x, cos, sin)
+        if i in want:
+            captured[i] = x
+    return torch.cat([captured[i] for i in layer_ids], dim=-1)
