@@ -20,15 +20,17 @@ class _FusedLinearCE(torch.autograd.Function):
         loss = h.new_zeros(())
         correct = torch.empty(h.shape[0], dtype=torch.bool, device=h.device)
         for i in range(0, h.shape[0], chunk):
-            hc = h[i: i + chunk].to(compute_dtype)
-            logits = (hc @ weight.T).float()  # [c, V]
-            t = target[i: i + chunk]
-            correct[i: i + chunk] = logits.argmax(-1) == t
-            lse = torch.logsumexp(logits, dim=-1)  # [c]
-            loss = loss + (row_w[i: i + chunk] * (lse - logits.gather(1, t[:, None]).squeeze(1))).sum()
-            p = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-            p[torch.arange(len(t), device=h.device), t] -= 1.0
-            p.mul_(row_w[i: i + chunk, None])
+            t, rw = target[i: i + chunk], row_w[i: i + chunk]
+            rows = torch.arange(len(t), device=h.device)
+            logits = (h[i: i + chunk].to(compute_dtype) @ weight.T).float()  # [c, V]
+            m = logits.amax(dim=-1)  # [c]
+            tgt = logits[rows, t]
+            correct[i: i + chunk] = tgt >= m
+            p = logits.sub_(m[:, None]).exp_()  # unnormalised softmax, in place (few passes over [c, V])
+            s = p.sum(dim=-1)
+            loss = loss + (rw * (m + s.log() - tgt)).sum()
+            p.mul_((rw / s)[:, None])
+            p[rows, t] -= rw
             grad[i: i + chunk] = (p.to(compute_dtype) @ weight).float()
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(correct)
@@ -41,7 +43,7 @@ class _FusedLinearCE(torch.autograd.Function):
 
 
 def fused_linear_ce(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, row_w: torch.Tensor,
-                    chunk: int = 1024, compute_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    chunk: int = 256, compute_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (sum_i row_w[i] * CE(h[i] @ weight.T, target[i]) / sum(row_w), argmax == target per row).
 
     h [N, H] (requires grad), weight [V, H] frozen, target [N] in [0, V), row_w [N] >= 0.

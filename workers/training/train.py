@@ -46,7 +46,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     loss_vocab: str = "full"  # full | restricted (response tokens + n_negatives sampled ids)
     n_negatives: int = 4096
-    loss_chunk: int = 1024  # rows per lm_head chunk
+    loss_chunk: int = 256  # rows per lm_head chunk ([256, V] fp32 logits stay cache-sized)
     eval_minutes: float = 10.0
     ckpt_minutes: float = 5.0
     eval_every_steps: int | None = None  # overrides eval_minutes (tests, overfit runs)
