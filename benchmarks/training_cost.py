@@ -17,7 +17,7 @@ from pathlib import Path
 
 
 def gen_rate(engine, prompts: list[list[int]], batch: int, seconds: float, max_tokens: int) -> dict:
-    from workers.params import SamplingParams
+    from workers.engine.params import SamplingParams
 
     sp = SamplingParams(max_tokens=max_tokens)
     nxt, live, done_tokens = 0, set(), 0
@@ -63,8 +63,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from workers.drafter import DrafterConfig
-    from workers.engine import EngineConfig, LLMEngine
+    from workers.models.dflash import DrafterConfig
+    from workers.engine.config import EngineConfig
+    from workers.engine.llm_engine import LLMEngine
     from workers.training.data import Sample, make_batch, random_anchors
     from workers.training.drafter_init import random_drafter
     from workers.training.pipeline import choose_layer_ids, pick_mask_token, resolve_target
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"generation batch {b}: {r['tokens_per_s']} tok/s", file=sys.stderr, flush=True)
 
     # training shapes on real answers (one wave of 32 answers, 256 tokens at most)
-    from workers.params import SamplingParams
+    from workers.engine.params import SamplingParams
 
     for i, p in enumerate(prompts[:32]):
         engine.add_request(f"s{i}", p, SamplingParams(max_tokens=a.max_tokens))
