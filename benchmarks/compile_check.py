@@ -14,7 +14,6 @@ import torch
 
 from tests.helpers.tiny import make_tiny_hf_dir, tiny_drafter
 from workers.engine.config import EngineConfig
-from workers.engine.graph_runner import enable_graphs
 from workers.engine.llm_engine import LLMEngine
 from workers.engine.params import SamplingParams, SpecParams
 from workers.models.loader import load_model
@@ -48,7 +47,7 @@ def main(argv=None) -> bool:
                       tokenizer=lm.tokenizer)
         ref = generate(e, spec)
         t0 = time.time()
-        enable_graphs(e, mode=a.mode, compile=True)
+        e.use_graphs(mode=a.mode, compile=True)
         got = generate(e, spec)
         ok &= got == ref
         print(f"{'dflash' if spec.enabled else 'ar'}: compiled == eager: {got == ref} "

@@ -182,7 +182,6 @@ def e2e_tokens_per_s(target: str, drafter: str | None, device: str, dtype: str, 
                      max_tokens: int, graphs: bool, model=None, drafter_mod=None, tokenizer=None) -> list[dict]:
     """Real engine runs, greedy: AR vs DFlash tokens/s at each concurrency, and the measured tau."""
     from workers.engine.config import EngineConfig
-    from workers.engine.graph_runner import enable_graphs
     from workers.engine.llm_engine import LLMEngine
     from workers.engine.params import SamplingParams, SpecParams
 
@@ -191,7 +190,7 @@ def e2e_tokens_per_s(target: str, drafter: str | None, device: str, dtype: str, 
                        max_model_len=max_len)
     eng = LLMEngine(cfg, model=model, drafter=drafter_mod, tokenizer=tokenizer)
     if graphs:
-        enable_graphs(eng)
+        eng.use_graphs()
     prompts = _prompts(eng, max(concurrency))
     out = []
     for c in concurrency:

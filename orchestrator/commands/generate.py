@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("this model has no tokenizer; generate needs one to encode the prompt")
     load_s = time.perf_counter() - t_load
     spec = None
-    if args.no_spec or eng.drafter is None:
+    if args.no_spec or eng.proposer is None:
         spec = SpecParams(enabled=False)
     elif args.block_size is not None:
         spec = SpecParams(enabled=True, block_size=args.block_size)

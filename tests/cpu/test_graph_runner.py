@@ -133,11 +133,11 @@ def test_generation_matches_eager(eng, nreq, spec):
     eager_runner = e.runner
     assert greedy_outputs(e, reqs, spec) == oracle
     g = graph_runner(e)
-    e.runner = g
+    e.set_runner(g)
     try:
         assert greedy_outputs(e, reqs, spec) == oracle
     finally:
-        e.runner = eager_runner
+        e.set_runner(eager_runner)
     q = 8 if spec.enabled else 1
     used = {k for k, n in g.hits.items() if n and k[0] == "target" and k[2] == q}
     assert used and max(k[1] for k in used) == bucket(nreq, g.batch_buckets)

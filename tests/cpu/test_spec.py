@@ -2,7 +2,8 @@
 
 Drafters: a random DFlash drafter, a deliberately bad one (huge random weights), an "almost right"
 proposer (the oracle's continuation with ~30% of positions corrupted, so partial / full acceptance and
-rollback all happen), and the committed trained drafter when it exists. Batches mix prompt lengths, block
+rollback all happen), the committed trained drafter when it exists, and a prompt-lookup n-gram proposer
+(tests/helpers/ngram.py: a proposer added as one file and one registration). Batches mix prompt lengths, block
 sizes, AR and spec requests, and requests join mid-run.
 """
 from __future__ import annotations
@@ -60,6 +61,24 @@ def test_random_drafter_lossless(setup):
     eng, _, oracle = setup
     assert run_mixed(eng) == oracle
     assert eng.blocks.num_free_blocks == eng.blocks.num_blocks  # everything returned
+
+
+@pytest.fixture(scope="module")
+def ngram_setup(tmp_path_factory):
+    import tests.helpers.ngram  # noqa: F401  (registers the "ngram" proposer)
+
+    eng, lm = tiny_engine(tmp_path_factory.mktemp("ngram"), "qwen3", drafter_block=None, max_num_batched_tokens=48,
+                          proposer="ngram")
+    return eng, lm, [reference_greedy(lm.model, p, n) for p, n, _, _ in REQS]
+
+
+def test_ngram_proposer_lossless(ngram_setup):
+    eng, _, oracle = ngram_setup
+    assert eng.proposer is not None and eng.drafter is None  # speculative, with no network at all
+    assert run_mixed(eng) == oracle
+    tr = eng.tracker
+    assert tr.spec_tokens / tr.spec_passes > 2.0  # drafts really got accepted (the tiny model repeats itself)
+    assert eng.blocks.num_free_blocks == eng.blocks.num_blocks
 
 
 def test_bad_drafter_lossless(setup):

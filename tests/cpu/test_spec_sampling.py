@@ -2,8 +2,9 @@
 
 Tiny vocabulary (16 tokens), temperature 1 / top-k 8. For one prompt, the exact marginal distributions of
 output tokens 2 and 3 are computed by enumeration with the full-recompute model; N samples from the
-engine (AR, and speculative with a proposer whose q differs from p) are compared with a Pearson
-chi-square test at p < 1e-3 (fixed seeds: deterministic).
+engine (AR, speculative with a proposer whose q differs from p, and speculative with the deterministic
+n-gram proposer of tests/helpers/ngram.py) are compared with a Pearson chi-square test at p < 1e-3 (fixed
+seeds: deterministic).
 """
 from __future__ import annotations
 
@@ -60,6 +61,15 @@ def setup(tmp_path_factory):
     return eng, lm, exact_marginals(lm.model, SP)
 
 
+@pytest.fixture(scope="module")
+def ngram_setup(tmp_path_factory):
+    import tests.helpers.ngram  # noqa: F401  (registers the "ngram" proposer)
+
+    eng, lm = tiny_engine(tmp_path_factory.mktemp("smp-ngram"), "llama", drafter_block=None, seed=2,
+                          model_overrides={"vocab_size": V}, proposer="ngram")
+    return eng, lm, exact_marginals(lm.model, SP)
+
+
 def sample_many(eng, spec):
     counts = torch.zeros(3, V, dtype=torch.float64)
     ids = itertools.count()
@@ -110,3 +120,14 @@ def test_engine_sampling_matches_target(setup, mode, monkeypatch):
     if mode == "spec":
         tau = (eng.tracker.spec_tokens - toks0) / (eng.tracker.spec_passes - passes0)
         assert tau > 1.3  # the verification path with accepted drafts really ran
+
+
+def test_ngram_sampling_matches_target(ngram_setup):
+    eng, _, exact = ngram_setup
+    eng._outs = {}
+    counts = sample_many(eng, SpecParams(True, 4))
+    assert counts.sum(1).tolist() == [N] * 3
+    for k in range(3):
+        ok, stat = chi_square_ok(counts[k], exact[k])
+        assert ok, ("ngram", k, stat)
+    assert eng.tracker.spec_tokens / eng.tracker.spec_passes > 1.0  # some lookups were accepted

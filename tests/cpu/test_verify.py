@@ -12,7 +12,7 @@ from scipy.stats import chi2
 
 from workers.engine.params import SamplingParams
 from workers.engine.sampling import RowParams, processed_probs
-from workers.spec.verifier import verify_greedy, verify_stochastic
+from workers.spec.verifier import BlockToVerify, TargetRows, verify_blocks, verify_greedy, verify_stochastic
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -64,6 +64,23 @@ def test_verify_greedy_counts_prefix():
     target = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4], [5, 6, 7, 8]])
     drafts = torch.tensor([[1, 2, 3], [1, 9, 3], [5, 6, 7]])
     assert verify_greedy(target, drafts, torch.tensor([4, 4, 2])).tolist() == [3, 1, 1]
+
+
+def test_verify_blocks_mixes_greedy_and_sampled_blocks_of_one_step():
+    """The step's one call: greedy blocks of different widths batched, a sampled block with its generator."""
+    V = 6
+    am = [1, 2, 3, 4, 0, 5, 5, 2, 2]  # argmax of 9 logits rows: block A rows 0-3, AR row 4, block B 5-6, C 7-8
+    logits = torch.full((9, V), -5.0)
+    logits[torch.arange(9), torch.tensor(am)] = 5.0
+    params = [SamplingParams()] * 7 + [SamplingParams(temperature=1.0)] * 2
+    target = TargetRows.build(logits, params)
+    assert target.argmax == am and target.probs.shape == (2, V) and target.prob_row == {7: 0, 8: 1}
+    blocks = [BlockToVerify(0, [1, 2, 9], None, True), BlockToVerify(5, [5], None, True),
+              BlockToVerify(7, [2], None, False, torch.Generator().manual_seed(0))]
+    v = verify_blocks(target, blocks)
+    assert [(x.accepted, x.tokens) for x in v[:2]] == [(2, [1, 2, 3]), (1, [5, 5])]
+    a, toks = verify_stochastic(target.p(7, 2), None, torch.tensor([2]), torch.Generator().manual_seed(0))
+    assert (v[2].accepted, v[2].tokens) == (a, toks)
 
 
 def test_processed_probs_match_transformers_warpers():

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from tests.helpers.tiny import greedy_outputs, make_tiny_hf_dir, reference_greedy, tiny_drafter
-from workers.engine.graph_runner import enable_graphs
 from workers.engine.params import SpecParams
 from workers.engine.runner import SeqSlice, build_draft_inputs, build_step_inputs
 
@@ -42,7 +41,7 @@ def test_captured_matches_eager(tiny_dir, nreq, spec):
 
     cpu = load_model(tiny_dir, "float32", "cpu").model
     assert eager == [reference_greedy(cpu, p, n) for p, n in reqs]
-    g = enable_graphs(e)
+    g = e.use_graphs()
     assert g.mode == "graph"
     assert greedy_outputs(e, reqs, spec) == eager
     assert g.graphs and all(sg.graph is not None for sg in g.graphs.values())
@@ -51,7 +50,7 @@ def test_captured_matches_eager(tiny_dir, nreq, spec):
 
 def test_replay_has_no_host_sync(tiny_dir):
     e, _ = make_engine(tiny_dir)
-    g = enable_graphs(e)
+    g = e.use_graphs()
     bs = e.blocks.block_size
     for i in range(3):
         e.blocks.reserve(f"s{i}", 64)
@@ -76,7 +75,7 @@ def test_bf16_graph_close_to_eager(tiny_dir):
 
     e, _ = make_engine(tiny_dir, "bfloat16")
     eager = ModelRunner(e.model, e.drafter, e.pool, e.blocks.block_size, e.device)
-    g = enable_graphs(e)
+    g = e.use_graphs()
     e.blocks.reserve("x", 64)
     table = list(e.blocks.ensure("x", 30))
     inp = build_step_inputs([SeqSlice(list(range(4, 12)), 20, table, list(range(8)))], 4, e.device, capture=True)
@@ -110,5 +109,5 @@ def test_compiled_graphs_match_eager(tiny_dir):
     e, _ = make_engine(tiny_dir)
     reqs = REQS[:3]
     eager = greedy_outputs(e, reqs, SpecParams(True, 8))
-    enable_graphs(e, compile=True)
+    e.use_graphs(compile=True)
     assert greedy_outputs(e, reqs, SpecParams(True, 8)) == eager

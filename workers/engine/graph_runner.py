@@ -286,17 +286,16 @@ class GraphRunner(ModelRunner):
         return len(self.graphs) - before
 
 
-def enable_graphs(engine, mode: str = "auto", fuse: bool = True, compile: bool = False,
-                  warmup: bool = False) -> GraphRunner:
-    """Swap an LLMEngine's eager runner for a GraphRunner over the same model, drafter and KV pool."""
-    old = engine.runner
-    if isinstance(old, GraphRunner):
-        return old
-    g = GraphRunner(old.model, old.drafter, old.pool, old.block_size, old.device,
-                    scratch_block=reserve_scratch_block(engine.blocks), max_num_seqs=engine.config.max_num_seqs,
-                    max_model_len=engine.max_model_len, mode=mode, fuse=fuse, compile=compile)
-    g.before_forward = old.before_forward
+def graph_runner_over(runner: ModelRunner, blocks, max_num_seqs: int, max_model_len: int, mode: str = "auto",
+                      fuse: bool = True, compile: bool = False, warmup: bool = False) -> GraphRunner:
+    """A GraphRunner over the same model, drafter and KV pool as ``runner`` (itself if it is one already);
+    its padding rows write to a scratch block taken from ``blocks``. ``LLMEngine.use_graphs`` calls it."""
+    if isinstance(runner, GraphRunner):
+        return runner
+    g = GraphRunner(runner.model, runner.drafter, runner.pool, runner.block_size, runner.device,
+                    scratch_block=reserve_scratch_block(blocks), max_num_seqs=max_num_seqs,
+                    max_model_len=max_model_len, mode=mode, fuse=fuse, compile=compile)
+    g.before_forward = runner.before_forward
     if warmup:
         g.warmup()
-    engine.runner = g
     return g

@@ -1,10 +1,10 @@
-"""The engine: add_request / step / abort over scheduler -> runner -> drafter -> verifier -> KV commit.
+"""The engine: add_request / step / abort over scheduler -> step (proposer -> runner -> verifier) -> KV commit.
 
-One ``step()``: schedule; draft a block for every speculative sequence (one drafter forward for all);
-one target forward over the flat batch (prefill chunks, AR tokens, verify blocks); sample / verify per
-sequence; write the committed tokens' features into the drafter's context cache; roll the KV back past
-the rejected drafts; detokenize and apply stop conditions. ``AsyncLLMEngine`` (workers/engine/async_engine.py)
-runs this loop off the event loop.
+One ``step()``: schedule; run the step (workers/engine/step.py: the proposer drafts a block for every
+speculative sequence, one target forward over the flat batch, sample / verify, the proposer records the
+committed tokens); roll the KV back past the rejected drafts; count acceptance (once, here); detokenize and
+apply stop conditions. ``AsyncLLMEngine`` (workers/engine/async_engine.py) runs this loop off the event loop.
+The engine builds its parts and hands each its dependencies: nothing holds a reference to the engine.
 """
 from __future__ import annotations
 
@@ -23,9 +23,10 @@ from workers.engine.params import (EngineStats, InvalidRequest, NoCapacity, Requ
 from workers.engine.runner import ModelRunner, SeqSlice, build_step_inputs
 from workers.engine.scheduler import ScheduledSeq, Scheduler, Sequence
 from workers.engine.stats import StatsTracker
-from workers.engine.step import StepExecutor
+from workers.engine.step import SeqResult, StepExecutor
 from workers.models.loader import load_model, resolve_device, resolve_dtype
 from workers.models.packed import can_pack, pack_for_cpu
+from workers.spec.proposer import Proposer, ProposerContext, build_proposer
 
 
 def _eos_ids(model_cfg, tokenizer, model_path: str) -> list[int]:
@@ -41,9 +42,8 @@ def _eos_ids(model_cfg, tokenizer, model_path: str) -> list[int]:
 
 class LLMEngine:
     def __init__(self, cfg: EngineConfig, model=None, drafter=None, tokenizer=None):
-        """Loads ``cfg.model`` / ``cfg.drafter`` unless already-built modules are passed (tests, TP)."""
-        from workers.models.dflash import load_drafter
-
+        """Loads ``cfg.model`` and the proposer's network (``cfg.drafter``) unless already-built modules are
+        passed (tests, TP ranks): ``drafter`` is the network of the proposer ``cfg.proposer`` names."""
         self.config = cfg
         self.device = resolve_device(cfg.device)
         # a model passed in (tests, TP ranks) keeps its own dtype under "auto"
@@ -55,9 +55,8 @@ class LLMEngine:
         self.model = model
         self.model_config = mc = model.config
         self.tokenizer = tokenizer
-        if drafter is None and cfg.drafter:
-            drafter = load_drafter(cfg.drafter, mc, self.dtype, self.device)
-        self.drafter = drafter
+        self.proposer: Proposer | None = build_proposer(ProposerContext(cfg, model, self.dtype, self.device, drafter))
+        drafter = self.drafter
         if cfg.cpu_packed_weights and can_pack(self.dtype, self.device):
             pack_for_cpu(model)
             if drafter is not None:
@@ -68,10 +67,9 @@ class LLMEngine:
         if cfg.max_num_seqs < 1 or cfg.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         self.eos_token_ids = _eos_ids(mc, tokenizer, cfg.model)
-        self.max_block = drafter.block_size if drafter is not None else 1
+        self.max_block = self.proposer.max_block if self.proposer is not None else 1
         bs = cfg.kv_block_size
-        draft_layers = [] if drafter is None else [
-            (drafter.config.num_key_value_heads, drafter.config.head_dim)] * drafter.config.num_hidden_layers
+        draft_layers = self.proposer.kv_layers if self.proposer is not None else []
         target_layers = [(layer.self_attn.num_kv_heads, layer.self_attn.head_dim) for layer in model.model.layers]
         per_block = kv_bytes_per_block(bs, target_layers + draft_layers, torch.empty((), dtype=self.dtype).element_size())
         budget = pool_budget_bytes(self.device, cfg.kv_cache_bytes, cfg.gpu_memory_utilization)
@@ -82,22 +80,38 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, bs)
         self.pool = KVPool(num_blocks, bs, target_layers, draft_layers, self.dtype, self.device)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens,
-                                   draft_slack=bs if drafter is not None else 0)
-        self.runner = ModelRunner(model, drafter, self.pool, bs, self.device)
-        if cfg.cuda_graphs:
-            from workers.engine.graph_runner import enable_graphs
-
-            enable_graphs(self, warmup=self.device.type == "cuda")
+                                   draft_slack=bs if self.proposer is not None else 0)
         self.tracker = StatsTracker(max_block=max(self.max_block, 2))
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
-        self.executor = StepExecutor(self)
+        self.set_runner(ModelRunner(model, drafter, self.pool, bs, self.device))
+        if cfg.cuda_graphs:
+            self.use_graphs(warmup=self.device.type == "cuda")
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._generators: dict[str, torch.Generator] = {}
         self._pending: list[RequestOutput] = []
 
+    @property
+    def drafter(self):
+        """The proposer's network (the DFlash drafter), run by the model runner; None without one."""
+        return self.proposer.network if self.proposer is not None else None
+
+    # ---- the model runner: eager, or static-buffer graphs ----
+    def set_runner(self, runner: ModelRunner) -> None:
+        """Run the model through ``runner`` from the next step on (same model, proposer network and KV pool)."""
+        self.runner = runner
+        self.executor = StepExecutor(runner, self.blocks, self.proposer, self.generator_for, self.device)
+
+    def use_graphs(self, mode: str = "auto", fuse: bool = True, compile: bool = False, warmup: bool = False):
+        """Switch to a GraphRunner (workers/engine/graph_runner.py) over the current runner's model and pool."""
+        from workers.engine.graph_runner import graph_runner_over
+
+        self.set_runner(graph_runner_over(self.runner, self.blocks, self.config.max_num_seqs, self.max_model_len,
+                                          mode=mode, fuse=fuse, compile=compile, warmup=warmup))
+        return self.runner
+
     # ---- requests ----
     def default_spec(self) -> SpecParams:
-        return SpecParams(enabled=self.drafter is not None,
+        return SpecParams(enabled=self.proposer is not None,
                           block_size=max(2, min(self.config.num_spec_tokens_default, self.max_block)))
 
     def validate_request(self, request_id, prompt_token_ids, sampling: SamplingParams,
@@ -129,7 +143,7 @@ class LLMEngine:
         spec = self.default_spec() if spec is None else spec
         if not isinstance(spec, SpecParams):
             raise InvalidRequest("spec must be a SpecParams")
-        if spec.enabled and self.drafter is not None:
+        if spec.enabled and self.proposer is not None:
             spec.validate(self.max_block)
         return ids, spec
 
@@ -137,7 +151,7 @@ class LLMEngine:
                     spec: SpecParams | None = None, tags: dict[str, Any] | None = None) -> None:
         """Validate and admit; raises InvalidRequest / NoCapacity before any work."""
         ids, spec = self.validate_request(request_id, prompt_token_ids, sampling, spec)
-        block = spec.block_size if (spec.enabled and self.drafter is not None) else 1
+        block = spec.block_size if (spec.enabled and self.proposer is not None) else 1
         seq = Sequence(request_id, ids, sampling, block, {str(k): str(v) for k, v in (tags or {}).items()})
         need = self.scheduler.worst_case_tokens(seq)
         if blocks_for(need, self.blocks.block_size) > self.blocks.num_blocks:
@@ -187,14 +201,14 @@ class LLMEngine:
                 outputs.append(out)
         return outputs
 
-    def _apply(self, it: ScheduledSeq, res) -> RequestOutput | None:
+    def _apply(self, it: ScheduledSeq, res: SeqResult | BaseException) -> RequestOutput | None:
         seq = it.seq
         rid = seq.request_id
         if isinstance(res, BaseException):
             self._finish(seq)
             self._detok.pop(rid, None)
             return RequestOutput(rid, [], finished=True, finish_reason="error", error=f"{type(res).__name__}: {res}")
-        num_computed, tokens, accepted = res
+        tokens = res.tokens
         remaining = seq.sampling.max_tokens - seq.num_output
         reason = None
         if not seq.sampling.ignore_eos:
@@ -204,7 +218,9 @@ class LLMEngine:
                     break
         if len(tokens) >= remaining and tokens:
             tokens, reason = tokens[:remaining], reason or "length"
-        self.scheduler.commit(seq, num_computed, tokens)
+        self.scheduler.commit(seq, res.num_computed, tokens)
+        if res.proposed:  # acceptance is counted here, once: the step only reports it
+            self.tracker.record_spec(res.proposed, res.accepted, seq.tags)
         if tokens:
             self.tracker.record_pass(len(tokens))
         if not tokens:
@@ -219,14 +235,10 @@ class LLMEngine:
             del self._detok[rid]
         # tokens a pass verified past EOS are not committed: tau counts only what the request keeps
         return RequestOutput(rid, tokens, text, finished=reason is not None, finish_reason=reason,
-                             accepted=[min(accepted, len(tokens))])
+                             accepted=[len(tokens)])
 
     def stats(self) -> EngineStats:
         s = self.scheduler
         return self.tracker.snapshot(self.blocks.free_tokens, self.blocks.total_tokens, len(s.running),
                                      len(s.waiting))
-
-    def request_tau(self, request_id: str) -> float | None:
-        seq = self.scheduler.by_id.get(request_id)
-        return None if seq is None else seq.tau
 

@@ -29,13 +29,6 @@ class Sequence:
     num_computed: int = 0  # positions whose K/V (and drafter context K/V) are in the cache
     arrival: float = field(default_factory=time.monotonic)
     finished: bool = False
-    # acceptance bookkeeping
-    decode_passes: int = 0  # target passes after prefill
-    decode_tokens: int = 0  # tokens committed by those passes
-    spec_passes: int = 0
-    spec_tokens: int = 0
-    accept_hits: list[int] = field(default_factory=list)  # per draft position: accepted count
-    accept_tries: list[int] = field(default_factory=list)  # per draft position: proposed count
 
     def __post_init__(self):
         if not self.token_ids:
@@ -56,11 +49,6 @@ class Sequence:
     @property
     def in_prefill(self) -> bool:
         return self.num_computed < self.num_prompt
-
-    @property
-    def tau(self) -> float | None:
-        """Mean tokens committed per target pass while decoding speculatively."""
-        return self.spec_tokens / self.spec_passes if self.spec_passes else None
 
 
 @dataclass

@@ -1,68 +1,75 @@
-"""Execution of one scheduled step: draft -> target forward -> sample / verify -> drafter context write.
+"""One scheduled step, in four stages: propose -> target forward -> sample / verify -> proposer commit.
 
-Returns, per request, (positions newly computed, committed tokens, committed per pass) or the exception
-that failed that request. A failure in the batched forward is isolated by re-running the sequences one
-by one, so one bad request fails alone and the rest of the batch continues.
+  1. propose: the proposer drafts a block for every speculative sequence (workers/spec/proposer.py);
+  2. target forward: one pass over the flat batch (prefill chunks, AR tokens, anchor + drafts) -> logits
+     [R, V] for the rows whose next token is needed. Per-request logits processing (a grammar's token
+     bitmask per row, say) belongs right after this forward, before ``TargetRows.build``: every row that is
+     sampled or verified is built from those logits, and ``rows`` says which request and block position
+     each row belongs to;
+  3. sample the AR / last-prefill rows, verify the drafted blocks (workers/spec/verifier.py, one call);
+  4. commit: the proposer records the tokens that entered the KV cache.
+Returns a ``SeqResult`` per request, or the exception that failed that request: a failure in the batched
+work is isolated by re-running the sequences one by one, so one bad request fails alone.
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from workers.engine.runner import SeqSlice, build_draft_inputs, build_step_inputs
-from workers.engine.sampling import RowParams, processed_probs, sample
+from workers.engine.kv_cache import BlockManager
+from workers.engine.runner import ModelRunner, SeqSlice, build_step_inputs
+from workers.engine.sampling import sample
 from workers.engine.scheduler import ScheduledSeq
-from workers.spec.verifier import verify_stochastic
+from workers.spec.proposer import CommitBatch, Draft, Proposer, ProposeRequest
+from workers.spec.verifier import BlockToVerify, TargetRows, Verdict, verify_blocks
 
-Result = tuple[int, list[int], int]
+
+@dataclass
+class SeqResult:
+    """What one step did for one sequence."""
+
+    num_computed: int  # positions newly written to the KV cache
+    tokens: list[int]  # committed tokens, before the engine's EOS / max_tokens cut
+    proposed: int = 0  # drafts verified this step (0: not a speculative pass)
+    accepted: int = 0  # how many of them were accepted
 
 
 class StepExecutor:
-    def __init__(self, engine: Any):
-        self.e = engine
+    def __init__(self, runner: ModelRunner, blocks: BlockManager, proposer: Proposer | None,
+                 generator_for: Callable[[str], torch.Generator], device: torch.device):
+        self.runner, self.blocks, self.proposer = runner, blocks, proposer
+        self.generator_for, self.device = generator_for, device
 
-    def run(self, items: list[ScheduledSeq]) -> dict[str, Result | BaseException]:
+    def run(self, items: list[ScheduledSeq]) -> dict[str, SeqResult | BaseException]:
         try:
             return self._run(items)
         except Exception as exc:  # isolate: the culprit fails alone
             if len(items) == 1:
                 return {items[0].seq.request_id: exc}
-            out: dict[str, Result | BaseException] = {}
+            out: dict[str, SeqResult | BaseException] = {}
             for it in items:
                 out.update(self.run([it]))
             return out
 
-    # ---- drafting ----
-    def _draft(self, spec: list[ScheduledSeq]) -> dict[str, tuple[list[int], torch.Tensor | None]]:
+    # ---- 1. propose ----
+    def _propose(self, spec: list[ScheduledSeq]) -> dict[str, Draft]:
         if not spec:
             return {}
-        e = self.e
-        d = build_draft_inputs(
-            anchors=[it.seq.token_ids[-1] for it in spec],
-            ctx_lens=[it.seq.num_computed for it in spec],
-            blocks=[it.num_query for it in spec],
-            tables=[e.blocks.table(it.seq.request_id) for it in spec],
-            mask_token_id=e.drafter.config.mask_token_id, block_size=e.blocks.block_size, device=e.device,
-        )
-        logits = e.runner.propose_logits(d)  # [B, Q-1, V]
-        greedy = logits.argmax(-1).tolist()
-        out: dict[str, tuple[list[int], torch.Tensor | None]] = {}
-        for i, it in enumerate(spec):
-            n = it.num_query - 1
-            sp = it.seq.sampling
-            if sp.greedy:
-                out[it.seq.request_id] = (greedy[i][:n], None)
-            else:
-                q = processed_probs(logits[i, :n], RowParams.build([sp], e.device).repeat(n))
-                toks = sample(q, [e.generator_for(it.seq.request_id)])
-                out[it.seq.request_id] = (toks.tolist(), q)
-        return out
+        reqs = [ProposeRequest(it.seq.request_id, it.seq.token_ids, it.seq.num_computed, it.num_query - 1,
+                               self.blocks.table(it.seq.request_id), it.seq.sampling,
+                               self.generator_for(it.seq.request_id)) for it in spec]
+        drafts = self.proposer.propose(reqs, self.runner)
+        for r, d in zip(reqs, drafts):
+            if len(d.tokens) != r.num_drafts:
+                raise RuntimeError(f"proposer returned {len(d.tokens)} drafts for {r.request_id}, "
+                                   f"{r.num_drafts} were asked for")
+        return {r.request_id: d for r, d in zip(reqs, drafts)}
 
     # ---- one batch ----
-    def _run(self, items: list[ScheduledSeq]) -> dict[str, Result | BaseException]:
-        e = self.e
-        drafts = self._draft([it for it in items if it.kind == "spec"])
+    def _run(self, items: list[ScheduledSeq]) -> dict[str, SeqResult | BaseException]:
+        drafts = self._propose([it for it in items if it.kind == "spec"])
         slices: list[SeqSlice] = []
         for it in items:
             seq, nc = it.seq, it.seq.num_computed
@@ -71,68 +78,62 @@ class StepExecutor:
             elif it.kind == "ar":
                 toks, rows = [seq.token_ids[-1]], [0]
             else:
-                toks, rows = [seq.token_ids[-1]] + drafts[seq.request_id][0], list(range(it.num_query))
-            slices.append(SeqSlice(toks, nc, e.blocks.table(seq.request_id), rows))
-        capture = e.drafter is not None and any(it.seq.spec_block > 1 for it in items)
-        inp = build_step_inputs(slices, e.blocks.block_size, e.device, capture)
-        logits, feats = e.runner.run_target(inp)  # [R, V], [N, F] | None
-        argmax = logits.argmax(-1).tolist()
-        # processed target probabilities for the stochastic rows, in one batch
-        row0, starts, stoch_rows, stoch_params = 0, [], [], []
+                toks, rows = [seq.token_ids[-1]] + drafts[seq.request_id].tokens, list(range(it.num_query))
+            slices.append(SeqSlice(toks, nc, self.blocks.table(seq.request_id), rows))
+        feeds_proposer = self.proposer is not None and bool(self.proposer.capture_layers)
+        capture = feeds_proposer and any(it.seq.spec_block > 1 for it in items)
+        inp = build_step_inputs(slices, self.blocks.block_size, self.device, capture)
+        logits, feats = self.runner.run_target(inp)  # [R, V], [N, F] | None
+        # row r of logits: request rows[r][0], offset rows[r][1] in its query run (block position for spec)
+        starts, rows = [], []
         for it, sl in zip(items, slices):
-            starts.append(row0)
-            if sl.logits_rows and not it.seq.sampling.greedy:
-                stoch_rows.extend(range(row0, row0 + len(sl.logits_rows)))
-                stoch_params.extend([it.seq.sampling] * len(sl.logits_rows))
-            row0 += len(sl.logits_rows)
-        probs = None
-        if stoch_rows:
-            probs = processed_probs(logits[torch.tensor(stoch_rows, device=logits.device)],
-                                    RowParams.build(stoch_params, e.device))
-        prob_at = {r: i for i, r in enumerate(stoch_rows)}
-        results: dict[str, Result | BaseException] = {}
-        ctx_rows, ctx_pos, ctx_slots = [], [], []
+            starts.append(len(rows))
+            rows.extend((it, k) for k in sl.logits_rows)
+        target = TargetRows.build(logits, [it.seq.sampling for it, _ in rows])
+        results: dict[str, SeqResult | BaseException] = {}
+        spec_items = [(it, r0) for it, r0 in zip(items, starts) if it.kind == "spec"]
+        verdicts = self._verify_greedy(target, spec_items, drafts)
+        commit = CommitBatch(feats, [], [], [])
         flat = 0
         for it, sl, r0 in zip(items, slices, starts):
             rid = it.seq.request_id
             try:
-                res = self._finish_item(it, sl, r0, argmax, probs, prob_at, drafts.get(rid))
+                res = self._finish_item(it, r0, target, verdicts.get(rid), drafts.get(rid))
                 results[rid] = res
-                if capture and it.seq.spec_block > 1:
-                    for k in range(res[0]):
-                        ctx_rows.append(flat + k)
-                        ctx_pos.append(sl.start_pos + k)
-                        ctx_slots.append(e.blocks.slot(rid, sl.start_pos + k))
+                if self.proposer is not None and it.seq.spec_block > 1:
+                    for k in range(res.num_computed):
+                        commit.rows.append(flat + k)
+                        commit.positions.append(sl.start_pos + k)
+                        commit.slots.append(self.blocks.slot(rid, sl.start_pos + k))
             except Exception as exc:
                 results[rid] = exc
             flat += len(sl.token_ids)
-        if ctx_rows:
-            e.runner.write_context(feats, ctx_rows, ctx_pos, ctx_slots)
+        if self.proposer is not None:
+            self.proposer.commit(commit, self.runner)
         return results
 
-    def _finish_item(self, it: ScheduledSeq, sl: SeqSlice, r0: int, argmax: list[int], probs, prob_at,
-                     draft) -> Result:
-        e = self.e
-        seq = it.seq
-        gen = e.generator_for(seq.request_id)
-        greedy = seq.sampling.greedy
+    # ---- 3. sample / verify ----
+    def _block(self, it: ScheduledSeq, r0: int, draft: Draft) -> BlockToVerify:
+        rid = it.seq.request_id
+        return BlockToVerify(r0, draft.tokens, draft.probs, it.seq.sampling.greedy, self.generator_for(rid))
+
+    def _verify_greedy(self, target: TargetRows, spec_items: list[tuple[ScheduledSeq, int]],
+                       drafts: dict[str, Draft]) -> dict[str, Verdict]:
+        """Every greedy block of the step in one batched call (no random numbers drawn)."""
+        greedy = [(it, r0) for it, r0 in spec_items if it.seq.sampling.greedy]
+        verdicts = verify_blocks(target, [self._block(it, r0, drafts[it.seq.request_id]) for it, r0 in greedy])
+        return {it.seq.request_id: v for (it, _), v in zip(greedy, verdicts)}
+
+    def _finish_item(self, it: ScheduledSeq, r0: int, target: TargetRows, verdict: Verdict | None,
+                     draft: Draft | None) -> SeqResult:
         if it.kind == "prefill" and not it.sample:
-            return it.num_query, [], 0
+            return SeqResult(it.num_query, [])
         if it.kind in ("prefill", "ar"):
-            tok = argmax[r0] if greedy else int(sample(probs[prob_at[r0]][None], [gen])[0])
-            return it.num_query, [tok], 1
-        drafted, q = draft
-        n = len(drafted)
-        if greedy:
-            target = argmax[r0: r0 + n + 1]
-            a = 0
-            while a < n and drafted[a] == target[a]:
-                a += 1
-            committed = drafted[:a] + [target[a]]
-        else:
-            p = probs[prob_at[r0]: prob_at[r0] + n + 1]
-            a, committed = verify_stochastic(p, q, torch.tensor(drafted, device=p.device), gen)
-        seq.spec_passes += 1
-        seq.spec_tokens += a + 1
-        e.tracker.record_spec(n, a, seq.tags)
-        return a + 1, committed, a + 1
+            if it.seq.sampling.greedy:
+                tok = target.argmax[r0]
+            else:
+                tok = int(sample(target.p(r0), [self.generator_for(it.seq.request_id)])[0])
+            return SeqResult(it.num_query, [tok])
+        if verdict is None:  # sampled: verified here, so random numbers are drawn in the batch's order
+            verdict = verify_blocks(target, [self._block(it, r0, draft)])[0]
+        return SeqResult(verdict.accepted + 1, verdict.tokens, len(draft.tokens), verdict.accepted)

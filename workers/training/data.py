@@ -1,6 +1,6 @@
 """Stage 2 of the trainer: corpus records -> DFlash training batches (many draft blocks per sequence).
 
-Convention (the engine's, workers/spec_step.py + runner.build_draft_inputs): the anchor of a block is a
+Convention (the engine's, workers/engine/step.py + runner.build_draft_inputs): the anchor of a block is a
 committed token at position p that has no K/V yet; the block's rows are positions p..p+B-1 with input ids
 [token_p, MASK x (B-1)]; the drafter's context is the target features of positions < p; row k >= 1 is
 verified against the target's greedy token at p+k, so its label is token p+k. In a response of a prompt of

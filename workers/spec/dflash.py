@@ -1,0 +1,64 @@
+"""DFlash as a Proposer: one drafter forward proposes a whole block for every speculative sequence.
+
+The drafter network (workers/models/dflash.py) is run by the model runner (``propose_logits``,
+``write_context``: eager or CUDA graphs) with the target's embedding and lm_head. Here: what it needs from the
+engine (its context K/V layers in the KV pool, the target layers it conditions on), how a block is fed
+([anchor, MASK x (block-1)] at the sequence's next positions, over its cached context), how drafts are drawn
+from its logits (argmax for greedy requests; sampled from the processed distribution q otherwise, q kept for
+the verifier), and what it records on commit (the committed tokens' target features -> its context K/V).
+"""
+from __future__ import annotations
+
+import torch
+
+from workers.engine.runner import ModelRunner, build_draft_inputs
+from workers.engine.sampling import RowParams, processed_probs, sample
+from workers.spec.proposer import CommitBatch, Draft, ProposeRequest, ProposerContext
+
+
+class DFlashProposer:
+    def __init__(self, drafter, kv_block_size: int, device: torch.device):
+        c = drafter.config
+        self.network = drafter
+        self.max_block = drafter.block_size
+        self.kv_layers = [(c.num_key_value_heads, c.head_dim)] * c.num_hidden_layers
+        self.capture_layers = list(c.target_layer_ids)
+        self.mask_token_id = c.mask_token_id
+        self.kv_block_size = kv_block_size
+        self.device = device
+
+    def propose(self, batch: list[ProposeRequest], runner: ModelRunner) -> list[Draft]:
+        if not batch:
+            return []
+        d = build_draft_inputs(
+            anchors=[r.token_ids[-1] for r in batch], ctx_lens=[r.num_computed for r in batch],
+            blocks=[r.num_drafts + 1 for r in batch], tables=[r.block_table for r in batch],
+            mask_token_id=self.mask_token_id, block_size=self.kv_block_size, device=self.device,
+        )
+        logits = runner.propose_logits(d)  # [B, Q-1, V]
+        greedy = logits.argmax(-1).tolist()
+        out: list[Draft] = []
+        for i, r in enumerate(batch):
+            n = r.num_drafts
+            if r.sampling.greedy:
+                out.append(Draft(greedy[i][:n], None))
+            else:
+                q = processed_probs(logits[i, :n], RowParams.build([r.sampling], self.device).repeat(n))  # [n, V]
+                out.append(Draft(sample(q, [r.generator]).tolist(), q))
+        return out
+
+    def commit(self, batch: CommitBatch, runner: ModelRunner) -> None:
+        if batch.rows:
+            runner.write_context(batch.features, batch.rows, batch.positions, batch.slots)
+
+
+def build(ctx: ProposerContext) -> DFlashProposer | None:
+    """The DFlash proposer of ``EngineConfig.drafter`` (a z-lab checkpoint) or of a passed network; None without."""
+    drafter = ctx.network
+    if drafter is None and ctx.config.drafter:
+        from workers.models.dflash import load_drafter
+
+        drafter = load_drafter(ctx.config.drafter, ctx.target.config, ctx.dtype, ctx.device)
+    if drafter is None:
+        return None
+    return DFlashProposer(drafter, ctx.config.kv_block_size, ctx.device)
