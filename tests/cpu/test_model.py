@@ -71,3 +71,30 @@ def test_paged_forward_matches_full(pair):
         outs = [run(0, 13), run(13, 14), run(14, 16)]
     got = torch.cat(outs)
     assert (got - ref).abs().max().item() < TOL
+
+
+def test_chunked_prefill_attention_matches_full(pair):
+    """Long prefill chunks through the engine's step inputs: the first chunk is causal self-attention only, the
+    later ones merge the cached prefix and their own tokens by log-sum-exp (attention.chunk_attention); decode
+    steps after them use the masked paged path. All equal the full forward."""
+    from workers.engine.runner import CHUNK_SPLIT_MIN, SeqSlice, build_step_inputs
+
+    _, _, ours = pair
+    cfg = ours.config
+    bs, nb = 4, 128
+    caches = [(torch.zeros(nb, bs, cfg.num_key_value_heads, cfg.head_dim),
+               torch.zeros(nb, bs, cfg.num_key_value_heads, cfg.head_dim)) for _ in range(cfg.num_hidden_layers)]
+    table = list(torch.randperm(nb)[:100].tolist())
+    n = 2 * CHUNK_SPLIT_MIN + 30
+    ids = torch.randint(0, cfg.vocab_size, (n,))
+    with torch.no_grad():
+        ref = ours(ids[None])[0]  # [n, V]
+        outs = []
+        cuts = [0, CHUNK_SPLIT_MIN + 7, 2 * CHUNK_SPLIT_MIN + 20, n - 1, n]  # two split chunks, a short one, a decode
+        for lo, hi in zip(cuts, cuts[1:]):
+            inp = build_step_inputs([SeqSlice(ids[lo:hi].tolist(), lo, table, list(range(hi - lo)))], bs, torch.device("cpu"),
+                                    capture=False)
+            assert (inp.attn.prefix_len is not None) == (hi - lo >= CHUNK_SPLIT_MIN)
+            h, _ = ours.forward_paged(inp.input_ids, inp.positions, caches, inp.attn)
+            outs.append(ours.logits(h))
+    assert (torch.cat(outs) - ref).abs().max().item() < TOL

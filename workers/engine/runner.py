@@ -15,6 +15,9 @@ import torch
 from workers.models.attention import AttnMetadata
 
 
+CHUNK_SPLIT_MIN = 64  # a single sequence's step of this many tokens or more uses attention.chunk_attention
+
+
 @dataclass
 class SeqSlice:
     """One sequence's part of the flat batch."""
@@ -56,10 +59,15 @@ def build_step_inputs(slices: list[SeqSlice], block_size: int, device, capture: 
     t_idx = np.arange(tq)[None, :]
     q_index = starts[:, None] + np.minimum(t_idx, lens[:, None] - 1)  # [B, Tq]
     pad_pos = pos[q_index]  # [B, Tq]
-    mask = np.arange(nblk * block_size)[None, None, :] <= pad_pos[:, :, None]  # [B, Tq, K]
+    single = b == 1
+    if single and n >= CHUNK_SPLIT_MIN:
+        mask = np.ones((1, 1, 1), dtype=bool)  # unused: chunk_attention needs none
+    else:
+        mask = np.arange(nblk * block_size)[None, None, :] <= pad_pos[:, :, None]  # [B, Tq, K]
     out_index = seq_of * tq + (np.arange(n) - starts[seq_of])
     logits_rows = np.array([starts[i] + r for i, s in enumerate(slices) for r in s.logits_rows], dtype=np.int64)
-    single = b == 1
+    # one sequence's prefill chunk: attention = cached prefix (unmasked) + its own tokens (causal), no mask built
+    prefix_len = slices[0].start_pos if single and n >= CHUNK_SPLIT_MIN else None
     attn = AttnMetadata(
         slot_mapping=_to(slots, device),
         block_tables=_to(tables, device),
@@ -68,6 +76,7 @@ def build_step_inputs(slices: list[SeqSlice], block_size: int, device, capture: 
         mask=_to(mask[:, None], device),
         batch=b,
         q_len=tq,
+        prefix_len=prefix_len,
     )
     return StepInputs(_to(ids, device), _to(pos, device), attn, _to(logits_rows, device), capture)
 

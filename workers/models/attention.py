@@ -22,6 +22,10 @@ class AttnMetadata:
     mask: torch.Tensor  # [B, 1, Tq, K] bool (True = attend), or the additive bias of ``attn_bias``
     batch: int
     q_len: int  # Tq
+    # one sequence's prefill chunk (runner.CHUNK_SPLIT_MIN tokens or more): its keys are the cache's first
+    # prefix_len positions (no mask needed) and the chunk's own tokens (causal): ``chunk_attention``. None: the
+    # masked paged path. Saves the mask and, with flash attention's causal tile skipping, half the self part.
+    prefix_len: int | None = None
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor):
@@ -45,6 +49,40 @@ def attn_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if mask.dtype != torch.bool:
         return mask
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def _flash(q, k, v, causal: bool, scale: float):
+    """q [1, nh, L, hd], k/v [1, nh, S, hd] -> (out [1, nh, L, hd], logsumexp [1, nh, L] fp32)."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+
+
+def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttnMetadata, scale: float) -> torch.Tensor:
+    """One sequence's chunk: q/k/v [N, heads, hd] of its own tokens -> [N, nh*hd].
+
+    softmax over [prefix ; own] = the two partial softmaxes merged by their log-sum-exp (as flash attention
+    merges tiles): prefix part unmasked, own part causal."""
+    n, nh, hd = q.shape
+    kvh = k.shape[1]
+    qq = q.transpose(0, 1)[None]  # [1, nh, N, hd]
+    if q.device.type != "cpu":  # no log-sum-exp from the public SDPA: the masked path
+        return paged_attention(q, k_cache, v_cache, meta, scale)
+
+    def heads(x):  # [S, kvh, hd] -> [1, nh, S, hd]
+        x = x.transpose(0, 1)[None]
+        return x.repeat_interleave(nh // kvh, dim=1) if kvh != nh else x
+
+    out, lse = _flash(qq, heads(k), heads(v), True, scale)
+    if meta.prefix_len:
+        p = meta.prefix_len
+        kp = gather_kv(k_cache, meta.block_tables)[:, :, :p]  # [1, kvh, P, hd]
+        vp = gather_kv(v_cache, meta.block_tables)[:, :, :p]
+        rep = nh // kvh
+        o_p, lse_p = _flash(qq, kp.repeat_interleave(rep, 1), vp.repeat_interleave(rep, 1), False, scale)
+        m = torch.maximum(lse, lse_p)
+        w, w_p = (lse - m).exp_()[..., None], (lse_p - m).exp_()[..., None]  # [1, nh, N, 1] fp32
+        out = ((out.float() * w + o_p.float() * w_p) / (w + w_p)).to(q.dtype)
+    return out[0].transpose(0, 1).reshape(n, nh * hd)
 
 
 def paged_attention(
