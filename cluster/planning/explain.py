@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
     from cluster.planning.planner import LayoutEval, Workload
+    from cluster.planning.topology import NodeProfile
 
 
 def _gpu_s_per_token(ev: "LayoutEval", w: "Workload") -> dict[str, float]:
@@ -55,4 +56,31 @@ def explain(chosen: "LayoutEval", others: list["LayoutEval"], rejected: list[tup
                      f" (that excess is {share:.0%} of its GPU-time per token)")
     for layout, reason in rejected:
         lines.append(f"{layout}: rejected - {reason}")
+    return lines
+
+
+def explain_nodes(chosen: "LayoutEval", node: "NodeProfile", w: "Workload") -> list[str]:
+    """The per-node layout of a multi-node plan and why no TP group spans two nodes."""
+    n = chosen.num_nodes
+    per_node = [chosen.on_node(k) for k in range(n)]
+    shares = [sum(r.max_seqs for r in reps) for reps in per_node]
+    same = len(set(shares)) == 1
+    lines = [
+        f"cluster: {n} x {node.name} ({n * node.num_gpus} GPUs) -> {len(chosen.replicas)} replicas of TP{chosen.tp}, "
+        f"{chosen.num_replicas} on every node ({chosen.layout}, {chosen.num_gpus} of each node's {node.num_gpus} GPUs); "
+        f"the {w.concurrency} concurrent sequences split "
+        + (f"{shares[0]} per node" if same else "as " + " / ".join(map(str, shares)) + " over the nodes")]
+    for k, reps in enumerate(per_node):
+        gpus = ", ".join(f"replica {r.index}: GPUs {'+'.join(map(str, r.gpu_ids))}" for r in reps)
+        lines.append(f"node {k}: {gpus} ({shares[k]} sequences)")
+    link = f"{node.link_name} ({node.link_bw / 1e9:,.0f} GB/s per GPU one way)" if node.link_bw else node.link_name
+    why = (f"tensor-parallel groups stay inside one node: a TP group all-reduces twice per layer over {link}, "
+           "which ends at the node")
+    if node.scaleout_bw:
+        why += f"; between nodes the path is {node.scaleout_name}: {node.scaleout_bw / 1e9:,.0f} GB/s per GPU"
+        if node.link_bw:
+            why += f" ({node.link_bw / node.scaleout_bw:.0f}x less)"
+    why += (f", so the largest TP is the node's {node.num_gpus} GPUs; replicas on different nodes share nothing but "
+            "the router")
+    lines.append(why)
     return lines

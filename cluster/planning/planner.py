@@ -5,14 +5,18 @@ budgets every GPU (see `budget_replica`), rejects layouts that do not fit (with 
 decode throughput with the roofline in cluster/planning/roofline.py at the target concurrency, and picks the
 layout with the highest predicted aggregate tokens/s (ties within 1%: fewer GPUs, then lower TP).
 Impossible requests raise `PlanError` with the reason.
+
+Several nodes (`num_nodes`): a layout is per node and the same on every node; a TP group never spans
+nodes (its all-reduces need NVLink, which ends at the node). The concurrency is the cluster's, split
+over the nodes (`node_shares`), and every node's replicas are budgeted at that node's share.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from cluster.planning.explain import explain
+from cluster.planning.explain import explain, explain_nodes
 from cluster.planning.presets import DrafterSpec, ModelSpec
 from cluster.planning.roofline import LOGIT_BYTES, Throughput, replica_throughput
 from cluster.planning.topology import GiB, NodeProfile
@@ -83,6 +87,7 @@ class ReplicaPlan:
     kv_pool_tokens: int
     memory: list[GpuBudget]
     throughput: Throughput
+    node: int = 0  # the node of the cluster it sits on; gpu_ids are that node's GPU indices
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if k not in ("throughput", "memory")}
@@ -93,11 +98,12 @@ class ReplicaPlan:
 
 @dataclass
 class LayoutEval:
-    layout: str  # e.g. "4xTP2"
-    num_replicas: int
+    layout: str  # per node, e.g. "4xTP2"
+    num_replicas: int  # per node
     tp: int
-    replicas: list[ReplicaPlan] = field(default_factory=list)
+    replicas: list[ReplicaPlan] = field(default_factory=list)  # every node's, node by node
     reason: str | None = None  # set when rejected
+    num_nodes: int = 1
 
     @property
     def ok(self) -> bool:
@@ -108,8 +114,11 @@ class LayoutEval:
         return sum(r.throughput.tokens_per_s for r in self.replicas)
 
     @property
-    def num_gpus(self) -> int:
+    def num_gpus(self) -> int:  # per node
         return self.num_replicas * self.tp
+
+    def on_node(self, node: int) -> list[ReplicaPlan]:
+        return [r for r in self.replicas if r.node == node]
 
 
 @dataclass
@@ -122,14 +131,22 @@ class Plan:
     alternatives: list[LayoutEval]  # feasible layouts not chosen
     rejected: list[tuple[str, str]]  # (layout, reason)
     explanation: list[str]
+    num_nodes: int = 1
 
     @property
-    def replicas(self) -> list[ReplicaPlan]:
+    def replicas(self) -> list[ReplicaPlan]:  # every node's
         return self.chosen.replicas
 
     @property
-    def layout(self) -> str:
+    def layout(self) -> str:  # per node
         return self.chosen.layout
+
+    @property
+    def cluster_layout(self) -> str:
+        """e.g. "2 nodes x 4xTP2 = 8 replicas" ("4xTP2" on one node)."""
+        if self.num_nodes == 1:
+            return self.layout
+        return f"{self.num_nodes} nodes x {self.layout} = {len(self.replicas)} replicas"
 
     @property
     def tokens_per_s(self) -> float:
@@ -139,7 +156,9 @@ class Plan:
         return {
             "node": self.node.to_dict(), "model": self.model.to_dict(),
             "drafter": self.drafter.to_dict() if self.drafter else None,
-            "workload": asdict(self.workload), "layout": self.layout,
+            "workload": asdict(self.workload), "layout": self.layout, "num_nodes": self.num_nodes,
+            "cluster_layout": self.cluster_layout, "num_replicas": len(self.replicas),
+            "node_concurrency": node_shares(self.workload.concurrency, self.num_nodes),
             "predicted_tokens_per_s": self.tokens_per_s,
             "replicas": [r.to_dict() for r in self.replicas],
             "alternatives": [{"layout": a.layout, "predicted_tokens_per_s": a.tokens_per_s,
@@ -216,9 +235,16 @@ def _split(concurrency: int, n: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(n)]
 
 
+def node_shares(concurrency: int, num_nodes: int) -> list[int]:
+    """The cluster's concurrent sequences split over its nodes (the first nodes take the remainder)."""
+    return _split(concurrency, num_nodes)
+
+
 def evaluate_layout(model: ModelSpec, drafter: DrafterSpec | None, node: NodeProfile, n: int, tp: int,
-                    w: Workload, max_len: int) -> LayoutEval:
-    ev = LayoutEval(f"{n}xTP{tp}", n, tp)
+                    w: Workload, max_len: int, num_nodes: int = 1) -> LayoutEval:
+    """n replicas of TP tp on every one of num_nodes identical nodes, each node at its share of the
+    concurrency; rejected (reason set) when any replica does not fit."""
+    ev = LayoutEval(f"{n}xTP{tp}", n, tp, num_nodes=num_nodes)
     if model.num_heads % tp:
         ev.reason = f"{model.num_heads} attention heads do not split {tp} ways"
         return ev
@@ -227,22 +253,34 @@ def evaluate_layout(model: ModelSpec, drafter: DrafterSpec | None, node: NodePro
         return ev
     ctx = min(w.avg_context, max_len)
     d = drafter if w.speculative else None
-    for i, seqs in enumerate(_split(w.concurrency, n)):
-        gpus = list(range(i * tp, (i + 1) * tp))
-        try:
-            mem, tokens = budget_replica(model, d, node, tp, gpus, max(seqs, 1), w, max_len)
-        except PlanError as exc:
-            ev.reason, ev.replicas = str(exc), []
-            return ev
-        thr = replica_throughput(model, node, tp, seqs, ctx, d, w.block_size, w.tau)
-        ev.replicas.append(ReplicaPlan(i, tp, gpus, gpus[0] if d else None, seqs, tokens, mem, thr))
+    cache: dict[int, tuple[list[GpuBudget], int, Throughput]] = {}  # by max_seqs: nodes repeat
+    for k, share in enumerate(node_shares(w.concurrency, num_nodes)):
+        for i, seqs in enumerate(_split(share, n)):
+            gpus = list(range(i * tp, (i + 1) * tp))
+            try:
+                if seqs not in cache:
+                    mem, tokens = budget_replica(model, d, node, tp, list(range(tp)), max(seqs, 1), w, max_len)
+                    cache[seqs] = (mem, tokens, replica_throughput(model, node, tp, seqs, ctx, d, w.block_size, w.tau))
+            except PlanError as exc:
+                ev.reason, ev.replicas = str(exc), []
+                return ev
+            mem, tokens, thr = cache[seqs]
+            mem = [replace(b, gpu=g) for b, g in zip(mem, gpus)]
+            ev.replicas.append(ReplicaPlan(k * n + i, tp, gpus, gpus[0] if d else None, seqs, tokens, mem, thr,
+                                           node=k))
     return ev
 
 
 def plan(node: NodeProfile, model: ModelSpec, drafter: DrafterSpec | None = None,
-         workload: Workload | None = None) -> Plan:
+         workload: Workload | None = None, num_nodes: int = 1) -> Plan:
+    """The best layout for `num_nodes` identical nodes (one node by default); see the module doc."""
     w = workload or Workload()
     w.validate(model)
+    if num_nodes < 1:
+        raise PlanError(f"nodes must be >= 1, got {num_nodes}")
+    if w.concurrency < num_nodes:
+        raise PlanError(f"concurrency {w.concurrency} is less than the {num_nodes} nodes: some nodes would "
+                        "serve nothing (concurrency counts sequences across the whole cluster)")
     max_len = w.max_model_len or model.max_position
     if drafter is not None and drafter.hidden_size != model.hidden_size:
         raise PlanError(f"drafter hidden size {drafter.hidden_size} != target's {model.hidden_size}")
@@ -251,23 +289,28 @@ def plan(node: NodeProfile, model: ModelSpec, drafter: DrafterSpec | None = None
         if tp > node.num_gpus:
             break
         for n in range(node.num_gpus // tp, 0, -1):
-            evals.append(evaluate_layout(model, drafter, node, n, tp, w, max_len))
+            evals.append(evaluate_layout(model, drafter, node, n, tp, w, max_len, num_nodes))
     ok = [e for e in evals if e.ok]
     full = {e.tp: e for e in evals if e.num_replicas == node.num_gpus // e.tp}
     rejected = [(e.layout, e.reason) for e in full.values() if not e.ok]
     if not ok:
         weights_max = weight_shard_bytes(model, max(full))
         usable = node.gpu.memory_bytes * w.gpu_memory_utilization
+        span = (" (a tensor-parallel group never spans nodes, so more nodes do not make it fit)"
+                if num_nodes > 1 else "")
         if weights_max > usable:
             raise PlanError(f"model too large for node: {model.name} needs {model.weight_total_bytes / 1e9:.1f} GB "
                             f"of weights, {weights_max / 1e9:.1f} GB per GPU at TP{max(full)}, more than the "
-                            f"{usable / 1e9:.1f} GB usable per GPU on {node.name}", rejected)
+                            f"{usable / 1e9:.1f} GB usable per GPU on {node.name}{span}", rejected)
         reasons = "; ".join(f"{lay}: {why}" for lay, why in rejected)
         raise PlanError(f"no layout fits {model.name} on {node.name}: {reasons}", rejected)
     best = max(e.tokens_per_s for e in ok)
     top = [e for e in ok if e.tokens_per_s >= 0.99 * best]
     chosen = min(top, key=lambda e: (e.num_gpus, e.tp, -e.tokens_per_s))
     others = [e for e in full.values() if e.ok and e is not chosen]
+    lines = explain(chosen, others, rejected, w)
+    if num_nodes > 1:
+        lines = lines[:1] + explain_nodes(chosen, node, w) + lines[1:]
     return Plan(node, model, drafter if w.speculative else None, w, chosen,
                 alternatives=[e for e in ok if e is not chosen], rejected=rejected,
-                explanation=explain(chosen, others, rejected, w))
+                explanation=lines, num_nodes=num_nodes)

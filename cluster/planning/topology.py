@@ -41,6 +41,10 @@ class NodeProfile:
     allreduce_latency_s: float  # fixed cost of one small collective (alpha term)
     step_overhead_s: float = 150e-6  # host scheduling + sampling + graph launch per engine step
     source: str = ""
+    # between nodes (multi-node clusters): the node's scale-out NICs, bytes/s per GPU, one direction.
+    # Only used to explain why a TP group never spans nodes; "" / 0 = no scale-out network stated.
+    scaleout_name: str = ""
+    scaleout_bw: float = 0.0
     gpu_names: tuple[str, ...] = field(default_factory=tuple)  # real names when discovered
 
     @property
@@ -84,20 +88,23 @@ CPU_SANDBOX = GpuProfile(
 NVLINK5 = ("NVLink 5 / NVSwitch", 900 * GB)  # 1.8 TB/s bidirectional per GPU
 NVLINK4 = ("NVLink 4 / NVSwitch", 450 * GB)  # 900 GB/s bidirectional per GPU
 PCIE5 = ("PCIe Gen5 x16", 64 * GB)  # ~128 GB/s bidirectional
+# scale-out NICs, one per GPU (DGX datasheets: 8 x single-port ConnectX per node); Gb/s / 8 = GB/s
+CX8 = dict(scaleout_name="ConnectX-8 800 Gb/s InfiniBand / Ethernet, one NIC per GPU", scaleout_bw=100 * GB)
+CX7 = dict(scaleout_name="ConnectX-7 400 Gb/s InfiniBand / Ethernet, one NIC per GPU", scaleout_bw=50 * GB)
 
 NODES: dict[str, NodeProfile] = {
     "dgx-b300": NodeProfile(
         "dgx-b300", "NVIDIA DGX B300: 8 x B300 288 GB HBM3e, NVLink 5 (1.8 TB/s per GPU, 14.4 TB/s total)",
-        B300, 8, *NVLINK5, allreduce_latency_s=6e-6, source=B300.source),
+        B300, 8, *NVLINK5, allreduce_latency_s=6e-6, source=B300.source, **CX8),
     "dgx-b200": NodeProfile(
         "dgx-b200", "NVIDIA DGX B200: 8 x B200 180 GB HBM3e, NVLink 5 (1.8 TB/s per GPU)",
-        B200, 8, *NVLINK5, allreduce_latency_s=6e-6, source=B200.source),
+        B200, 8, *NVLINK5, allreduce_latency_s=6e-6, source=B200.source, **CX7),
     "dgx-h200": NodeProfile(
         "dgx-h200", "NVIDIA DGX H200: 8 x H200 141 GB HBM3e, NVLink 4 (900 GB/s per GPU)",
-        H200, 8, *NVLINK4, allreduce_latency_s=8e-6, source=H200.source),
+        H200, 8, *NVLINK4, allreduce_latency_s=8e-6, source=H200.source, **CX7),
     "dgx-h100": NodeProfile(
         "dgx-h100", "NVIDIA DGX H100: 8 x H100 80 GB HBM3, NVLink 4 (900 GB/s per GPU)",
-        H100, 8, *NVLINK4, allreduce_latency_s=8e-6, source=H100.source),
+        H100, 8, *NVLINK4, allreduce_latency_s=8e-6, source=H100.source, **CX7),
     "h100": NodeProfile(
         "h100", "a single NVIDIA H100 SXM 80 GB (no peers)",
         H100, 1, *PCIE5, allreduce_latency_s=0.0, source=H100.source),

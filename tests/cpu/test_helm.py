@@ -24,7 +24,7 @@ jsonschema = pytest.importorskip("jsonschema")
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "specfleet"
 CRDS = ROOT / "tests" / "fixtures" / "kuberay"
-PROFILES = ["values-dgx-b300.yaml", "values-single-gpu.yaml"]
+PROFILES = ["values-dgx-b300.yaml", "values-dgx-b300-2nodes.yaml", "values-single-gpu.yaml"]
 Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
@@ -191,6 +191,42 @@ def test_dgx_b300_profile_plan():
     assert wg["template"]["spec"]["volumes"][-1]["hostPath"]["path"] == "/raid/specfleet-models"
     docs = render(profile("values-dgx-b300.yaml"))
     assert by_kind(docs, "ServiceMonitor")
+
+
+def test_dgx_b300_two_node_profile_is_the_planners_layout():
+    """Two DGX B300 worker pods, 8 GPUs each, 8 replicas of TP2: what `specfleet plan --nodes 2
+    --helm-values` prints for Qwen3-32B at 128 sequences; the head is not pinned to a DGX and the
+    model cache is a shared claim (the head must survive the loss of a DGX and read the tokenizer)."""
+    from argparse import Namespace
+
+    from orchestrator.commands.plan import build, helm_values
+    from orchestrator.config import ServeConfig
+
+    values = profile("values-dgx-b300-2nodes.yaml")
+    p = build(Namespace(node="dgx-b300", nodes=2, model="qwen3-32b", drafter="auto", max_model_len=None,
+                        concurrency=128, avg_context=4096, tau=4.0, block_size=16, gpu_memory_utilization=0.9,
+                        dtype="auto"))
+    planned = helm_values(p)
+    assert {k: values["gpuWorkers"][k] for k in planned["gpuWorkers"]} == planned["gpuWorkers"]
+    (spec,) = values["serve"]["replicas"]
+    assert (spec["count"], spec["tp"], spec["num_gpus"]) == (8, 2, 1) == (
+        planned["serve"]["replicas"][0]["count"], planned["serve"]["replicas"][0]["tp"], 1)
+    (rs,) = by_kind(render(values), "RayService")
+    cfg = ServeConfig.model_validate(serve_config(rs)["applications"][0]["args"])
+    assert sum(s.tp for s in cfg.fleet()) == 16
+    (wg,) = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert wg["replicas"] == wg["minReplicas"] == wg["maxReplicas"] == 2
+    assert wg["template"]["spec"]["containers"][0]["resources"]["requests"]["nvidia.com/gpu"] == 8
+    head = rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    assert "nodeSelector" not in head  # not on a DGX
+    assert {"name": "model-cache", "persistentVolumeClaim": {"claimName": "specfleet-models-rwx"}} in head["volumes"]
+    # the plan's fragment on top of the single-node profile renders (the chart's GPU packing check agrees)
+    assert by_kind(render({**profile("values-dgx-b300.yaml"), **planned,
+                           "serve": {**profile("values-dgx-b300.yaml")["serve"], **planned["serve"]}}),
+                   "RayService")
+    # one more replica than the plan does not fit two nodes
+    over = {"gpuWorkers": planned["gpuWorkers"], "serve": {"replicas": [{"count": 9, "tp": 2}]}}
+    assert "needing 18 GPUs in total" in render_error(over)
 
 
 @pytest.mark.parametrize("prof", [None, *PROFILES])

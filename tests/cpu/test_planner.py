@@ -157,3 +157,75 @@ def test_plan_cli_json_and_errors(capsys):
     assert main(["plan", "--node", "h100", "--model", "gpt-oss-120b", "--max-model-len", "32768",
                  "--dtype", "bfloat16"]) == 1
     assert "233.6 GB of weights" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ several nodes
+def test_two_dgx_b300_nodes_plan_eight_tp2_replicas_four_per_node():
+    m = PRESETS["qwen3-32b"]
+    p = plan(get_node("dgx-b300"), m, default_drafter(m), Workload(concurrency=128), num_nodes=2)
+    assert (p.layout, p.num_nodes, len(p.replicas)) == ("4xTP2", 2, 8)
+    assert p.cluster_layout == "2 nodes x 4xTP2 = 8 replicas"
+    assert [r.index for r in p.replicas] == list(range(8))
+    for k in (0, 1):
+        on = [r for r in p.replicas if r.node == k]
+        assert len(on) == 4 and sum(r.max_seqs for r in on) == 64
+        gpus = sorted(g for r in on for g in r.gpu_ids)
+        assert gpus == list(range(8))  # each node's 8 GPUs, each once: no TP group spans two nodes
+        for r in on:
+            assert [b.gpu for b in r.memory] == r.gpu_ids and r.drafter_gpu == r.gpu_ids[0]
+    # one node at half the concurrency is the same layout with the same per-replica budgets
+    one = plan(get_node("dgx-b300"), m, default_drafter(m), Workload(concurrency=64))
+    assert one.layout == "4xTP2" and p.tokens_per_s == pytest.approx(2 * one.tokens_per_s)
+    assert [r.kv_pool_tokens for r in p.replicas] == [r.kv_pool_tokens for r in one.replicas] * 2
+    text = "\n".join(p.explanation)
+    assert p.explanation[0].startswith("chosen 4xTP2")
+    assert "8 replicas of TP2, 4 on every node" in text and "64 per node" in text
+    assert "node 1: replica 4: GPUs 0+1" in text and "ConnectX-8" in text and "ends at the node" in text
+    d = p.to_dict()
+    assert (d["num_nodes"], d["num_replicas"], d["node_concurrency"]) == (2, 8, [64, 64])
+    assert [r["node"] for r in d["replicas"]] == [0] * 4 + [1] * 4
+    json.dumps(d)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("nodes", [2, 3])
+def test_no_tp_group_spans_nodes_and_uneven_shares(name, nodes):
+    m, node = PRESETS[name], get_node("dgx-b300")
+    p = plan(node, m, default_drafter(m), Workload(concurrency=131), num_nodes=nodes)
+    assert len(p.replicas) == nodes * p.chosen.num_replicas
+    shares = [sum(r.max_seqs for r in p.replicas if r.node == k) for k in range(nodes)]
+    assert sum(shares) == 131 and max(shares) - min(shares) <= 1
+    for k in range(nodes):
+        gpus = [g for r in p.replicas if r.node == k for g in r.gpu_ids]
+        assert len(gpus) == len(set(gpus)) and all(0 <= g < node.num_gpus for g in gpus)
+    assert all(r.tp <= node.num_gpus for r in p.replicas)
+
+
+def test_multi_node_refusals():
+    with pytest.raises(PlanError, match="never spans nodes"):  # more nodes do not make a model fit
+        plan(get_node("h100"), PRESETS["llama-3.1-70b"], num_nodes=4)
+    with pytest.raises(PlanError, match="less than the 4 nodes"):
+        plan(get_node("dgx-b300"), PRESETS["qwen3-8b"], workload=Workload(concurrency=2), num_nodes=4)
+    with pytest.raises(PlanError, match="nodes must be >= 1"):
+        plan(get_node("dgx-b300"), PRESETS["qwen3-8b"], num_nodes=0)
+
+
+def test_plan_cli_nodes(capsys):
+    import yaml
+
+    from orchestrator.cli import main
+
+    args = ["plan", "--node", "dgx-b300", "--nodes", "2", "--model", "qwen3-32b", "--concurrency", "128"]
+    assert main(args + ["--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["cluster_layout"], out["num_replicas"]) == ("2 nodes x 4xTP2 = 8 replicas", 8)
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "2 nodes x 8 GPUs" in text and "tok/s (cluster)" in text and "CHOSEN" in text
+    assert "│ 0, 1 │" in text  # identical nodes share the memory rows
+    assert main(args + ["--helm-values"]) == 0
+    values = yaml.safe_load(capsys.readouterr().out)
+    assert values["gpuWorkers"] == {"replicas": 2, "gpusPerNode": 8}
+    assert values["serve"]["replicas"][0]["count"] == 8 and values["serve"]["replicas"][0]["tp"] == 2
+    assert main(["plan", "--nodes", "3", "--concurrency", "2", "--model", "qwen3-8b"]) == 1
+    assert "less than the 3 nodes" in capsys.readouterr().err
