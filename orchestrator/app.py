@@ -21,6 +21,7 @@ from orchestrator.replica import ModelReplica
 
 log = logging.getLogger("specfleet.app")
 INGRESS_MAX_ONGOING = 4096
+STATE_RESOURCE = "specfleet_state"  # custom resource of the node that holds the session registry
 
 
 class Ingress:
@@ -110,6 +111,21 @@ def _planned_tp(cfg: ServeConfig) -> int:
     return int(chosen.tp)
 
 
+def _ingress_actor_options() -> dict[str, Any]:
+    """The ingress owns the SQLite session registry: on a cluster whose head advertises the custom
+    resource `specfleet_state` (the Helm chart's head; tests' multi-node clusters) it is pinned there,
+    so losing a GPU node never takes the registry with it."""
+    import ray
+
+    opts: dict[str, Any] = {"num_cpus": 0}
+    try:
+        if ray.is_initialized() and ray.cluster_resources().get(STATE_RESOURCE, 0) > 0:
+            opts["resources"] = {STATE_RESOURCE: 0.001}
+    except Exception:  # no cluster view: unpinned, as on one node
+        pass
+    return opts
+
+
 def build_app(args: dict) -> Any:
     """Ray Serve application builder (`serve run orchestrator.app:build_app ...`)."""
     cfg = ServeConfig.model_validate(args or {})
@@ -134,7 +150,7 @@ def build_app(args: dict) -> Any:
     replica = serve.deployment(ModelReplica).options(**opts)
     ingress = serve.deployment(serve.ingress()(Ingress)).options(
         name="Ingress", num_replicas=1, max_ongoing_requests=INGRESS_MAX_ONGOING,
-        ray_actor_options={"num_cpus": 0}, graceful_shutdown_timeout_s=cfg.drain_timeout_s,
+        ray_actor_options=_ingress_actor_options(), graceful_shutdown_timeout_s=cfg.drain_timeout_s,
         graceful_shutdown_wait_loop_s=0.5, health_check_period_s=5.0,
     )
     args_json = cfg.to_args()
@@ -143,8 +159,9 @@ def build_app(args: dict) -> Any:
     return ingress.bind(replica.bind(args_json), args_json)
 
 
-def start_local(cfg: ServeConfig, *, init_ray: bool = True) -> str:
-    """Start (or reuse) Ray and Serve on this machine, deploy the app, return the base URL."""
+def start_local(cfg: ServeConfig, *, init_ray: bool = True, proxy_location: str | None = None) -> str:
+    """Start (or reuse) Ray and Serve on this machine, deploy the app, return the base URL.
+    `proxy_location="HeadOnly"` for several Ray nodes on one machine (their proxies would share a port)."""
     import ray
 
     if init_ray and not ray.is_initialized():
@@ -162,7 +179,9 @@ def start_local(cfg: ServeConfig, *, init_ray: bool = True) -> str:
                     raise
                 log.warning("Ray start timed out (attempt %d); retrying", attempt + 1)
                 ray.shutdown()
-    serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port}, logging_config={"log_level": "WARNING"})
+    extra = {"proxy_location": proxy_location} if proxy_location else {}
+    serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port}, logging_config={"log_level": "WARNING"},
+                **extra)
     serve.run(build_app(cfg.to_args()), name=cfg.ray.app_name, route_prefix="/")
     host = "127.0.0.1" if cfg.http.host in ("0.0.0.0", "::") else cfg.http.host
     return f"http://{host}:{cfg.http.port}"

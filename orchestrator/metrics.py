@@ -39,6 +39,29 @@ class Metrics:
                                 ["endpoint", "status"], registry=r)
         self.latency = Histogram("specfleet_request_latency_seconds", "End-to-end request latency", ["endpoint"],
                                  buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=r)
+        # the fleet as the ingress sees it (orchestrator/fleet.py), refreshed at every scrape
+        self.fleet_replicas = Gauge("specfleet_fleet_replicas", "Model replicas by state (expected = configured, "
+                                    "live = routed to, suspect = failed just now)", ["state"], registry=r)
+        self.fleet_capacity = Gauge("specfleet_fleet_capacity_requests", "Requests the live replicas can hold "
+                                    "(sum of max_ongoing_requests); admission refuses beyond it", registry=r)
+        self.fleet_nodes = Gauge("specfleet_fleet_nodes", "Nodes by state (live = hosts live replicas, lost = "
+                                 "hosted replicas that are gone)", ["state"], registry=r)
+        self.node_replicas = Gauge("specfleet_node_replicas", "Live replicas on the node", ["node"], registry=r)
+        self.node_gpus = Gauge("specfleet_node_gpus", "GPUs of the node's replicas (NVML)", ["node"], registry=r)
+        self.node_vram_free = Gauge("specfleet_node_vram_free_bytes", "Free memory of those GPUs (NVML)", ["node"],
+                                    registry=r)
+        self.node_vram_total = Gauge("specfleet_node_vram_total_bytes", "Memory of those GPUs (NVML)", ["node"],
+                                     registry=r)
+        self.node_running = Gauge("specfleet_node_running", "Requests running in the node's engines", ["node"],
+                                  registry=r)
+        self.node_kv_free = Gauge("specfleet_node_kv_free_tokens", "Free KV-cache tokens on the node", ["node"],
+                                  registry=r)
+        self.node_step_ms = Gauge("specfleet_node_step_ms", "Mean engine step time of the node's replicas "
+                                  "(kind: ar, or block_N for a speculative step of block N)", ["node", "kind"],
+                                  registry=r)
+        self.node_lost = Gauge("specfleet_node_lost", "1 for a node whose replicas are gone", ["node"], registry=r)
+        self.refused = Counter("specfleet_admission_refused", "Requests refused by fleet admission "
+                               "(fleet_capacity: 429, no_replica: 503)", ["reason"], registry=r)
         self.ttft = Histogram("specfleet_time_to_first_token_seconds", "Time to the first token", ["endpoint"],
                               buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)
 
@@ -69,6 +92,34 @@ class Metrics:
             tps = (completion_tokens - 1) / decode_seconds
             self.decode_tps.labels(replica).observe(tps)
             self.tokens_per_s.labels(replica).set(tps)
+
+    def fleet(self, view) -> None:
+        """Set the fleet gauges from an orchestrator.fleet.FleetView (per-node series of gone nodes vanish)."""
+        if not view.known:
+            return
+        self.fleet_replicas.labels("expected").set(view.expected_replicas)
+        self.fleet_replicas.labels("live").set(len(view.live))
+        self.fleet_replicas.labels("suspect").set(len(view.suspects))
+        self.fleet_capacity.set(view.capacity)
+        self.fleet_nodes.labels("live").set(len(view.nodes))
+        self.fleet_nodes.labels("lost").set(len(view.lost_nodes))
+        for g in (self.node_replicas, self.node_gpus, self.node_vram_free, self.node_vram_total, self.node_running,
+                  self.node_kv_free, self.node_step_ms, self.node_lost):
+            g.clear()
+        for n in view.nodes:
+            self.node_replicas.labels(n.node_id).set(len(n.replicas))
+            self.node_gpus.labels(n.node_id).set(n.gpus)
+            if n.vram_total_bytes is not None:
+                self.node_vram_total.labels(n.node_id).set(n.vram_total_bytes)
+                self.node_vram_free.labels(n.node_id).set(n.vram_free_bytes or 0)
+            self.node_running.labels(n.node_id).set(n.num_running)
+            self.node_kv_free.labels(n.node_id).set(n.kv_free_tokens)
+            if n.step_ms_ar is not None:
+                self.node_step_ms.labels(n.node_id, "ar").set(n.step_ms_ar)
+            for b, ms in n.step_ms_by_block.items():
+                self.node_step_ms.labels(n.node_id, f"block_{b}").set(ms)
+        for node in view.lost_nodes:
+            self.node_lost.labels(node).set(1)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -273,3 +273,29 @@ class MockEngine:
 
 def _ewma(old: float | None, new: float) -> float:
     return new if old is None else (1 - _EWMA) * old + _EWMA * new
+
+
+@dataclass
+class MockEngineRecipe:
+    """What a TP rank actor needs to run the mock engine (cluster/rank_worker.py builds it on rank 0; the
+    other ranks only hold their GPU bundle): a replica of tp > 1 with engine: mock keeps the real rank-actor
+    placement path while staying torch-free. Every rank reports one GPU of `profile.vram_total_bytes`
+    (none when 0) under its logical GPU index."""
+
+    profile: MockProfile
+    block_size: int = 16
+    max_num_seqs: int = 16
+    speculative: bool = True
+
+    def build(self) -> MockEngine:
+        return MockEngine(self.profile, block_size=self.block_size, max_num_seqs=self.max_num_seqs,
+                          speculative=self.speculative)
+
+    def gpu_telemetry(self, gpu_index: int | None, engine: MockEngine | None) -> list[dict]:
+        total = self.profile.vram_total_bytes
+        if not total or gpu_index is None:
+            return []
+        gpus = engine.telemetry()["gpus"] if engine is not None else []
+        used = gpus[0]["used_bytes"] if gpus else total // 2
+        return [{"index": gpu_index, "name": "mock", "used_bytes": used, "free_bytes": total - used,
+                 "total_bytes": total}]

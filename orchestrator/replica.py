@@ -48,13 +48,24 @@ def resolve_paths(cfg: ServeConfig, spec: ReplicaSpec) -> tuple[str, str | None]
     return target, drafter
 
 
-async def build_engine(cfg: ServeConfig, spec: ReplicaSpec) -> tuple[Any, bool]:
-    """(an object with the AsyncLLMEngine surface for this replica spec, whether it has a drafter)."""
+async def build_engine(cfg: ServeConfig, spec: ReplicaSpec, name: str = "specfleet") -> tuple[Any, bool]:
+    """(an object with the AsyncLLMEngine surface for this replica spec, whether it has a drafter).
+    `name` prefixes its rank actors' names (f"{name}-{uid}-g{restarts}-rank{r}") when it has any."""
     block = spec.block_size or cfg.model.block_size
     if cfg.engine == "mock":
-        from orchestrator.mock_engine import MockEngine
+        from orchestrator.mock_engine import MockEngine, MockEngineRecipe
 
         no_drafter = (spec.drafter if spec.drafter is not None else cfg.model.drafter) in (None, "none", "")
+        tp = spec.tp if isinstance(spec.tp, int) else 1
+        if tp > 1:  # real rank actors in the replica's bundles (placement, node loss), mock engine on rank 0
+            from cluster.runtime.replica_group import ReplicaGroup
+
+            recipe = MockEngineRecipe(spec.mock, block, spec.max_num_seqs, not no_drafter)
+            gpus = spec.num_gpus or 0.0
+            group = ReplicaGroup(recipe, tp=tp, bundle={"CPU": 1.0, "GPU": gpus} if gpus else {"CPU": 1.0},
+                                 progress=False, name=name)
+            await group.start()
+            return group, not no_drafter
         engine = MockEngine(spec.mock, block_size=block, max_num_seqs=spec.max_num_seqs, speculative=not no_drafter)
         return engine, not no_drafter
     from workers.engine.config import EngineConfig
@@ -74,7 +85,7 @@ async def build_engine(cfg: ServeConfig, spec: ReplicaSpec) -> tuple[Any, bool]:
     if ReplicaGroup is not None:
         gpus = spec.num_gpus or 0.0
         bundle = {"CPU": 1.0, "GPU": gpus} if gpus else {"CPU": 1.0}
-        group = ReplicaGroup(ecfg, tp=tp, bundle=bundle, progress=False, name="specfleet")
+        group = ReplicaGroup(ecfg, tp=tp, bundle=bundle, progress=False, name=name)
         await group.start()
         return group, drafter is not None
     if tp != 1:
@@ -226,7 +237,7 @@ class ModelReplica:
         rank = int(getattr(ctx.rank, "rank", ctx.rank) or 0)
         fleet = cfg.fleet()
         spec = fleet[rank % len(fleet)]
-        engine, has_drafter = await build_engine(cfg, spec)
+        engine, has_drafter = await build_engine(cfg, spec, name=f"specfleet-{ctx.replica_id.unique_id}")
         default_reason = "direct"
         self.core = ReplicaCore(
             engine, spec, replica_id=ctx.replica_id.unique_id, rank=rank,
@@ -263,8 +274,16 @@ class ModelReplica:
         self.core.check_health()
 
     async def info(self) -> dict:
+        import ray
+        from ray.util import get_current_placement_group
+
+        pg = get_current_placement_group()
+        placement = getattr(self.core.engine, "placement", None)
         return {"replica": self.core.replica_id, "rank": self.core.rank, "in_flight": self.core.in_flight,
-                "spec": self.core.spec.model_dump(mode="json"), **self.core.headroom()}
+                "spec": self.core.spec.model_dump(mode="json"), **self.core.headroom(),
+                "node_id": ray.get_runtime_context().get_node_id(),
+                "placement_group_id": pg.id.hex() if pg is not None else None,
+                "ranks": placement() if placement is not None else []}
 
     async def __del__(self):
         shutdown = getattr(self.core.engine, "shutdown", None) if hasattr(self, "core") else None

@@ -6,6 +6,11 @@ load their shards and run `follow` in a background thread. With tp == 1 the sing
 engine (a "TP=1 replica in a Ray actor").
 
 The module imports no torch at import time: placing actors and pinging them stays cheap.
+
+An engine *recipe* instead of an EngineConfig (an object with `build()` and `gpu_telemetry(index,
+engine)`, e.g. orchestrator.mock_engine.MockEngineRecipe) is built on rank 0 without torch or a
+process group; the other ranks just hold their bundle: the placement and lifecycle paths stay the
+real ones where the engine's speed does not matter (multi-node tests).
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ class RankWorker:
         self.follower_ops = 0
         self.device_type = "cpu"
         self.gpu_index: int | None = None
+        self.recipe = None  # an engine recipe (no torch), see the module doc
 
     # ---- identity / placement ----
     async def ping(self) -> dict[str, Any]:
@@ -38,7 +44,7 @@ class RankWorker:
         ctx = ray.get_runtime_context()
         gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         return {"rank": self.rank, "bundle_index": self.bundle_index, "pid": os.getpid(),
-                "node_ip": ray.util.get_node_ip_address(), "gpu_ids": gpu_ids,
+                "node_ip": ray.util.get_node_ip_address(), "node_id": ctx.get_node_id(), "gpu_ids": gpu_ids,
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
                 "actor_id": ctx.get_actor_id(), "stage": self.progress["stage"]}
 
@@ -52,7 +58,18 @@ class RankWorker:
 
     # ---- start-up ----
     async def setup(self, engine_cfg, addr: str, port: int) -> dict[str, Any]:
+        if hasattr(engine_cfg, "build"):  # an engine recipe: nothing to load, no process group
+            return self._setup_recipe(engine_cfg)
         return await asyncio.to_thread(self._setup, engine_cfg, addr, port)
+
+    def _setup_recipe(self, recipe) -> dict[str, Any]:
+        vis = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        self.gpu_index = int(vis.split(",")[0]) if vis and vis.split(",")[0].isdigit() else None
+        self.recipe = recipe
+        if self.rank == 0:
+            self.engine = recipe.build()
+        self.progress.update(stage="ready")
+        return {"rank": self.rank, "load_s": 0.0, "device": "recipe"}
 
     def _setup(self, engine_cfg, addr: str, port: int) -> dict[str, Any]:
         import torch
@@ -139,6 +156,8 @@ class RankWorker:
     async def telemetry(self) -> list[dict[str, Any]]:
         from cluster.planning.nvml import gpu_telemetry
 
+        if self.recipe is not None:
+            return self.recipe.gpu_telemetry(self.gpu_index, self.engine)
         if self.gpu_index is None:
             return []
         return await asyncio.to_thread(gpu_telemetry, None, [self.gpu_index])

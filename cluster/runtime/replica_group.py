@@ -16,10 +16,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from cluster.runtime.rank_actors import RankInfo, kill_ranks, remove_group, reserve_bundles, spawn_ranks, wait_with_progress
+from cluster.runtime.rank_actors import (
+    RankInfo,
+    bundle_nodes,
+    gpu_nodes,
+    kill_ranks,
+    remove_group,
+    reserve_bundles,
+    spawn_ranks,
+    wait_with_progress,
+)
 from workers.engine.params import EngineStats, NoCapacity, RequestOutput
 
 log = logging.getLogger("specfleet.placement")
@@ -46,10 +56,12 @@ class ReplicaGroup:
                  torch_threads: int | None = None, restart_on_failure: bool = True,
                  monitor_interval_s: float = 1.0, ready_timeout_s: float = 60.0,
                  place_timeout_s: float = 60.0, probe_timeout_s: float = 30.0, progress: bool = True,
-                 name: str = "replica"):
+                 name: str = "replica", node_id: str | None = None):
         if tp < 1:
             raise ValueError(f"tp must be >= 1, got {tp}")
         self.engine_cfg, self.tp, self.name = engine_cfg, tp, name
+        self.node_id = node_id  # pin a group of its own to this Ray node (multi-node plans)
+        self._uid = uuid.uuid4().hex[:6]  # rank actors are named f"{name}-{uid}-g{restarts}-rank{r}"
         self.in_process = (tp == 1) if in_process is None else in_process
         if self.in_process and tp > 1:
             raise ValueError("tensor parallelism needs rank actors (in_process=False)")
@@ -101,7 +113,8 @@ class ReplicaGroup:
 
     async def _place(self) -> None:
         self._pg, self._own_pg = await reserve_bundles(
-            self._pg, self.tp, self.bundle, f"{self.name}-tp{self.tp}-{id(self):x}", self.place_timeout_s)
+            self._pg, self.tp, self.bundle, f"{self.name}-tp{self.tp}-{id(self):x}", self.place_timeout_s,
+            self.node_id)
         if self._bundle_indices is None:
             self._bundle_indices = list(range(self.tp))
         if len(self._bundle_indices) != self.tp:
@@ -120,7 +133,8 @@ class ReplicaGroup:
 
     async def _spawn(self) -> None:
         threads = self.torch_threads or int(self.bundle.get("CPU", 1)) or 1
-        self.actors, self.ranks = await spawn_ranks(self._pg, self._bundle_indices, self.bundle, threads)
+        self.actors, self.ranks = await spawn_ranks(self._pg, self._bundle_indices, self.bundle, threads,
+                                                    name=f"{self.name}-{self._uid}-g{self.state.restarts}")
 
     async def _setup(self) -> None:
         addr, port = await self.actors[0].address.remote()
@@ -205,6 +219,10 @@ class ReplicaGroup:
 
     def placement(self) -> list[dict[str, Any]]:
         return [r.__dict__.copy() for r in self.ranks]
+
+    def bundle_nodes(self) -> list[str]:
+        """Node id of each of the group's bundles according to Ray's GCS (not the ranks' own report)."""
+        return bundle_nodes(self._pg) if self._pg is not None else []
 
     # ------------------------------------------------------------------ lifecycle
     async def _wait_ready(self) -> None:
@@ -299,9 +317,19 @@ def _is_typed(err: BaseException) -> bool:
     return isinstance(err, EngineError)
 
 
-def place_plan(plan, engine_cfg, **kwargs) -> list[ReplicaGroup]:
+def place_plan(plan, engine_cfg, nodes: list[str] | None = None, **kwargs) -> list[ReplicaGroup]:
     """One ReplicaGroup per ReplicaPlan of a cluster.planning.planner.Plan (tp from the plan); call `place()` or
     `start()` on each. Ray picks the physical GPUs inside each STRICT_PACK group; `placement()` tells
-    which bundle / GPU every rank got."""
-    return [ReplicaGroup(engine_cfg, tp=r.tp, in_process=False, name=f"replica-{r.index}", **kwargs)
+    which bundle / GPU every rank got.
+
+    Several nodes: plan node k is Ray node `nodes[k]` (default: the alive nodes with the plan's GPUs per
+    node, by node id); each group is pinned there, so the replicas spread as planned and no group spans
+    two nodes."""
+    if plan.num_nodes > 1 and nodes is None:
+        nodes = gpu_nodes(plan.node.num_gpus)
+        if len(nodes) < plan.num_nodes:
+            raise NoCapacity(f"the plan needs {plan.num_nodes} nodes with {plan.node.num_gpus} GPUs, "
+                             f"the Ray cluster has {len(nodes)}")
+    return [ReplicaGroup(engine_cfg, tp=r.tp, in_process=False, name=f"replica-{r.index}",
+                         node_id=nodes[r.node] if nodes else None, **kwargs)
             for r in plan.replicas]

@@ -21,12 +21,19 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/health")
     async def health():  # open: no key needed
         st: ServerState = app.state.specfleet
-        return JSONResponse({"status": "draining" if st.draining else "ok", "in_flight": st.in_flight},
-                            status_code=503 if st.draining else 200)
+        fleet = st.fleet.view().to_dict()  # replicas expected / live, capacity, nodes live / lost
+        status = {"starting": "ok", "unavailable": "unavailable"}.get(fleet["status"], fleet["status"])
+        if st.draining:
+            status = "draining"
+        return JSONResponse({"status": status, "in_flight": st.in_flight, **{k: fleet[k] for k in
+                             ("replicas", "capacity", "nodes")}},
+                            status_code=503 if status in ("draining", "unavailable") else 200)
 
     @app.get("/metrics")
-    async def metrics():  # open: counters only, labelled by replica / reason / endpoint (no session data)
-        data, ctype = app.state.specfleet.metrics.render()
+    async def metrics():  # open: counters only, labelled by replica / node / reason / endpoint (no session data)
+        st: ServerState = app.state.specfleet
+        st.metrics.fleet(st.fleet.view())
+        data, ctype = st.metrics.render()
         return Response(data, media_type=ctype)
 
     app.add_middleware(BodySizeLimit, max_bytes=state.cfg.limits.max_body_bytes)

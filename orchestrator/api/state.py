@@ -11,6 +11,7 @@ from typing import Any, AsyncIterator
 from orchestrator.api.auth import KeyRing
 from orchestrator.api.limits import KeyGate
 from orchestrator.config import ServeConfig
+from orchestrator.fleet import Fleet, ReplicaSeen, RouterDirectory
 from orchestrator.metrics import Metrics
 from orchestrator.sessions import SessionRegistry
 
@@ -20,6 +21,12 @@ class ServeBackend:
 
     def __init__(self, handle: Any):
         self.handle = handle
+        # the replica set as Serve's request router in this process sees it (node, capacity, stats)
+        self.directory = RouterDirectory(handle.app_name, handle.deployment_name, own_node=_own_node())
+        try:  # initialise the handle now, so its router (and the fleet view) exists before the first request
+            handle.options(stream=True)
+        except Exception:  # a handle that cannot be initialised here still works on first use
+            pass
 
     def stream(self, session_id: str | None, kwargs: dict) -> AsyncIterator[dict]:
         opts: dict[str, Any] = {"stream": True}
@@ -28,15 +35,42 @@ class ServeBackend:
         return self.handle.options(**opts).generate.remote(**kwargs)
 
 
+def _own_node() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:
+        return None
+
+
 class LocalBackend:
     """In-process replicas (orchestrator.replica.ReplicaCore), round-robin: for tests without Ray."""
 
-    def __init__(self, cores: list[Any]):
+    def __init__(self, cores: list[Any], nodes: list[str] | None = None):
         self.cores = cores
+        self.nodes = nodes or ["local"] * len(cores)  # node of each core (fleet view tests)
         self._next = itertools.cycle(range(len(cores)))
+        self.directory = self
+        self.own_node = None  # in-process "nodes" are labels: a failure casts doubt on its node-mates
 
     def stream(self, session_id: str | None, kwargs: dict) -> AsyncIterator[dict]:
-        return self.cores[next(self._next)].generate(**kwargs)
+        from orchestrator.routing.decisions import DECISIONS
+
+        route = kwargs.get("route") or {}
+        avoid = set(route.get("avoid") or ())
+        start = next(self._next)
+        order = [(start + k) % len(self.cores) for k in range(len(self.cores))]
+        core = self.cores[next((i for i in order if self.cores[i].replica_id not in avoid), start)]
+        if route.get("request_id"):  # what a Serve router records: the replica the call went to
+            DECISIONS.put(route["request_id"], {"replica": core.replica_id})
+        return core.generate(**kwargs)
+
+    def replicas(self) -> list[ReplicaSeen]:
+        from orchestrator.routing.stats import RoutingStats
+
+        return [ReplicaSeen(c.replica_id, node, c.spec.max_ongoing_requests, RoutingStats.from_dict(c.routing_stats()))
+                for c, node in zip(self.cores, self.nodes)]
 
 
 def load_tokenizer(cfg: ServeConfig) -> tuple[Any, int]:
@@ -76,6 +110,7 @@ class ServerState:
     gate: KeyGate
     registry: SessionRegistry
     metrics: Metrics = field(default_factory=Metrics)
+    fleet: Fleet = field(default_factory=lambda: Fleet(None, 0))
     context_len: dict[str, int] = field(default_factory=dict)  # session -> tokens of its last turn
     spec_off_turns: dict[str, int] = field(default_factory=dict)  # session -> consecutive steered-off turns
     in_flight: int = 0
@@ -91,6 +126,7 @@ class ServerState:
             keys=KeyRing(cfg.auth.resolve_keys()),
             gate=KeyGate(lim.per_key_concurrency, lim.per_key_queue, lim.queue_timeout_s, lim.retry_after_s),
             registry=SessionRegistry(cfg.persistence.resolved_path()),
+            fleet=Fleet(getattr(backend, "directory", None), cfg.num_replicas),
         )
 
     @property

@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator
 
 from orchestrator.api.errors import APIError, too_many
 from orchestrator.api.state import ServerState
-from orchestrator.routing.decisions import pop_decision, route_hints
+from orchestrator.routing.decisions import get_decision, pop_decision, route_hints
 from workers.engine.params import SpecParams
 
 log = logging.getLogger("specfleet.api")
@@ -73,6 +73,11 @@ class Turn:
             await st.gate.acquire(self.req.owner)
         finally:
             st.metrics.queue_depth.set(st.gate.waiting)
+        try:
+            self._check_fleet()  # no await between this check and the in_flight increment
+        except APIError:
+            st.gate.release(self.req.owner)
+            raise
         self._slot = True
         st.in_flight += 1
         st.metrics.in_flight.set(st.in_flight)
@@ -81,6 +86,25 @@ class Turn:
         except BaseException:
             await self.close()
             raise
+
+    def _check_fleet(self) -> None:
+        """Refuse (429 + Retry-After) when the live replicas are full rather than pile requests onto them:
+        after a node is lost the survivors keep their own capacity, not the fleet's."""
+        st = self.state
+        limit = st.fleet.admission_limit()
+        if limit is None or st.in_flight < limit:
+            return
+        v = st.fleet.view()
+        retry = str(st.cfg.limits.retry_after_s)
+        lost = f", {len(v.lost_nodes)} node(s) lost" if v.lost_nodes else ""
+        if not v.live:
+            st.metrics.refused.labels("no_replica").inc()
+            raise APIError(503, f"no replica available: 0 of {v.expected_replicas} replicas live{lost}",
+                           code="replica_unavailable", headers={"Retry-After": retry})
+        st.metrics.refused.labels("fleet_capacity").inc()
+        raise too_many(f"the fleet is at capacity: {st.in_flight} requests in flight, {limit} slots on "
+                       f"{len(v.live)} of {v.expected_replicas} live replicas{lost}; retry later",
+                       st.cfg.limits.retry_after_s, code="fleet_at_capacity")
 
     async def _admit(self) -> None:
         st, lim = self.state, self.state.cfg.limits
@@ -97,6 +121,7 @@ class Turn:
                       sampling=self.req.sampling, tags=self.req.tags)
         last_exc: BaseException | None = None
         for attempt in range(ATTEMPTS):
+            route["avoid"] = st.fleet.avoid()  # replicas that just failed (a lost node): routed around
             gen = st.backend.stream(self.session_id, dict(kwargs, route=dict(route)))
             try:
                 first = await asyncio.wait_for(gen.__anext__(), lim.queue_timeout_s)
@@ -109,6 +134,7 @@ class Turn:
                 continue
             except Exception as exc:  # replica died / unreachable before producing anything: retry
                 last_exc = exc
+                st.fleet.mark_failed((get_decision(self.req.request_id) or {}).get("replica"))
                 log.warning("replica failed before admission (attempt %d): %s", attempt + 1, type(exc).__name__)
                 await asyncio.sleep(0.2 * (attempt + 1))
                 continue
@@ -146,6 +172,7 @@ class Turn:
                         yield {"type": "error", "message": res.error}
                     return
                 except Exception as exc:
+                    st.fleet.mark_failed(res.replica)  # its node may be gone: route around it at once
                     res.error = f"replica failed mid-stream: {type(exc).__name__}"
                     log.warning("%s (request %s)", res.error, self.req.request_id)
                     yield {"type": "error", "message": res.error}

@@ -10,6 +10,7 @@ import hashlib
 import random
 from typing import Any
 
+from orchestrator import fleet as _fleet
 from orchestrator.routing import decisions as _dec
 from orchestrator.routing.stats import RoutingStats
 
@@ -64,11 +65,21 @@ def _record(pending_request: Any, reason: str, uid: str | None = None) -> None:
             _dec.DECISIONS.update(route["request_id"], replica=uid)
 
 
+def _hints(pending_request: Any) -> dict:
+    return (pending_request.kwargs.get(_dec.ROUTE_KWARG) if pending_request is not None else None) or {}
+
+
 class Pow2Router(PowerOfTwoChoicesRequestRouter):
-    """Serve's default router, unchanged, plus the decision record for the response headers."""
+    """Serve's default router, unchanged, plus the decision record for the response headers (and the
+    replicas the ingress asks to avoid left out)."""
+
+    def initialize_state(self, **kwargs):
+        super().initialize_state(**kwargs)
+        _fleet.ROUTERS.attach(self)
 
     async def choose_replicas(self, candidate_replicas, pending_request=None):
         _record(pending_request, "pow2")
+        candidate_replicas = _dec.without_avoided(candidate_replicas, _hints(pending_request))
         return await super().choose_replicas(candidate_replicas, pending_request)
 
     def on_request_routed(self, pending_request, replica_id, result) -> None:
@@ -79,13 +90,18 @@ class SessionHashRouter(RequestRouter):
     """Session affinity by rendezvous hashing on the session id (x-session-id); the hash order is
     the rank order, so a full home replica spills to the session's next replica."""
 
+    def initialize_state(self, **kwargs):
+        super().initialize_state(**kwargs)
+        _fleet.ROUTERS.attach(self)
+
     async def choose_replicas(self, candidate_replicas, pending_request=None):
         if pending_request is not None:
             pending_request.routing_context.should_backoff = True
         if not candidate_replicas:
             return []
+        route = _hints(pending_request)
+        candidate_replicas = _dec.without_avoided(candidate_replicas, route)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        route = (pending_request.kwargs.get(_dec.ROUTE_KWARG) if pending_request is not None else None) or {}
         sid = route.get("session_id") or (pending_request.metadata.session_id if pending_request else None)
         if not sid:  # no session: plain random order
             ids = list(by_id)

@@ -74,8 +74,10 @@ def route_hints(
     prefix_tokens: int = 0,
     spec: SpecParams | None = None,
     spec_off_turns: int = 0,
+    avoid: list[str] | None = None,
 ) -> dict[str, Any]:
-    """The JSON-safe ``route=`` kwarg the ingress passes on each call to the replica deployment."""
+    """The JSON-safe ``route=`` kwarg the ingress passes on each call to the replica deployment.
+    ``avoid``: replicas the ingress saw fail just now (a lost node); routers leave them out."""
     return {
         "request_id": str(request_id),
         "session_id": session_id,
@@ -86,7 +88,18 @@ def route_hints(
         "prefix_tokens": int(prefix_tokens),
         "spec": asdict(spec) if spec is not None else None,
         "spec_off_turns": int(spec_off_turns),
+        "avoid": [str(r) for r in (avoid or [])],
     }
+
+
+def without_avoided(candidates: list[Any], hints: dict[str, Any] | None) -> list[Any]:
+    """The candidates (RunningReplica) minus those the ingress asked to avoid; all of them when that
+    would leave none (a suspect may still be better than nothing)."""
+    avoid = set((hints or {}).get("avoid") or ())
+    if not avoid:
+        return candidates
+    kept = [c for c in candidates if c.replica_id.unique_id not in avoid]
+    return kept or candidates
 
 
 def route_request_from_hints(h: dict[str, Any]) -> RouteRequest:

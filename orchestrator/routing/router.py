@@ -26,6 +26,7 @@ import random
 import time
 from typing import Any
 
+from orchestrator import fleet as _fleet
 from orchestrator.routing import decisions as _dec
 from orchestrator.routing.decisions import (  # noqa: F401  (re-exported for callers)
     DECISIONS,
@@ -61,6 +62,7 @@ class SpecfleetRouter(RequestRouter):
         self._inflight: dict[str, dict[str, tuple[float, int]]] = {}
         self._grace_s = float(stats_grace_s)  # a request sent this long before a stats sample may
         # not be admitted yet when the replica measured: keep counting it (conservative)
+        _fleet.ROUTERS.attach(self)  # the ingress reads the replica set (node, capacity) from here
 
     def _corrected(self, replica: Any) -> RoutingStats:
         s = _dec.stats_of(replica)
@@ -79,10 +81,11 @@ class SpecfleetRouter(RequestRouter):
             return []
         if not hasattr(self, "_weights"):
             self.initialize_state()
-        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         hints = (pending_request.kwargs.get(_dec.ROUTE_KWARG) if pending_request is not None else None) or {}
         if pending_request is not None and not hints and pending_request.metadata.session_id:
             hints = {"session_id": pending_request.metadata.session_id}
+        candidate_replicas = _dec.without_avoided(candidate_replicas, hints)
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         req = _dec.route_request_from_hints(hints)
         stats = [self._corrected(r) for r in candidate_replicas]
         choices = _dec.order_with_shuffled_ties(rank(req, stats, self._weights), self._rng)

@@ -18,6 +18,8 @@ class RoutingStats:
     kv_free_tokens: int = 0
     kv_total_tokens: int = 0
     vram_free_bytes: int | None = None  # None on CPU (no NVML)
+    vram_total_bytes: int | None = None  # of its GPUs (every TP rank's), None on CPU
+    gpu_count: int = 0  # GPUs its TP ranks report through NVML
     num_running: int = 0
     num_waiting: int = 0
     max_num_seqs: int = 16
@@ -104,11 +106,14 @@ class RoutingStats:
             sessions = dict(keep)
         gpus = (telemetry or {}).get("gpus") or []
         vram_free = sum(int(g.get("free_bytes", 0)) for g in gpus) if gpus else None
+        vram_total = sum(int(g.get("total_bytes", 0)) for g in gpus) if gpus else None
         return cls(
             replica_id=str(replica_id),
             kv_free_tokens=int(stats.kv_free_tokens),
             kv_total_tokens=int(stats.kv_total_tokens),
             vram_free_bytes=vram_free,
+            vram_total_bytes=vram_total,
+            gpu_count=len(gpus),
             num_running=int(stats.num_running),
             num_waiting=int(stats.num_waiting),
             max_num_seqs=int(max_num_seqs),
