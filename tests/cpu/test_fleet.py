@@ -12,7 +12,7 @@ from orchestrator.fleet import Fleet, ReplicaSeen, fleet_view
 from orchestrator.mock_engine import MockEngine
 from orchestrator.replica import ReplicaCore
 from orchestrator.routing.stats import RoutingStats
-from tests.cpu._serving import asgi_client, mock_config
+from tests.helpers.serving import asgi_client, mock_config
 
 CHAT = "/v1/chat/completions"
 

@@ -33,8 +33,8 @@ from cluster.planning.presets import PRESETS, default_drafter
 from cluster.planning.topology import get_node
 from orchestrator.config import MockProfile
 from orchestrator.mock_engine import MockEngineRecipe
-from tests.cpu._multinode import gpu_node_ids, multinode_cluster
-from tests.cpu._serving import mock_config, wait_healthy
+from tests.helpers.multinode import gpu_node_ids, multinode_cluster
+from tests.helpers.serving import mock_config, wait_healthy
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
