@@ -70,10 +70,10 @@ class Metrics:
         if spec is not None:
             self.spec_decisions.labels(f"block_{spec['block_size']}" if spec.get("enabled") else "off").inc()
 
-    def delta(self, replica: str, n_tokens: int, accepted: list[int]) -> None:
+    def delta(self, replica: str, n_tokens: int, committed: list[int]) -> None:
         if n_tokens:
             self.tokens.labels(replica).inc(n_tokens)
-        for a in accepted:
+        for a in committed:
             self.accepted_length.labels(replica).observe(a)
 
     def headroom(self, stats: dict | None) -> None:

@@ -206,7 +206,7 @@ class MockEngine:
                 finish = "length"
             text_so_far += delta
             yield RequestOutput(req.request_id, new, text=delta, finished=finish is not None,
-                                finish_reason=finish, accepted=[n_new])
+                                finish_reason=finish, committed=[n_new])
             if finish:
                 return
 

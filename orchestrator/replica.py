@@ -1,14 +1,17 @@
-"""Model replica: the Ray Serve deployment that owns one engine (a ReplicaGroup, an AsyncLLMEngine or
-the mock) and streams a request's tokens back to the ingress as plain dicts.
+"""Model replica: the Ray Serve deployment that owns one engine (an EngineClient: a ReplicaGroup, or the
+mock) and streams a request's tokens back to the ingress as plain dicts.
 
 Call contract (the ingress and the router rely on it): ``generate(request_id, prompt_token_ids,
 sampling: dict, tags: dict, route: dict)`` where ``route`` is ``orchestrator.routing.decisions.route_hints``
-(the router adds ``route["decision"]`` in place before the call is sent). It yields, in order:
-  {"type": "start", "replica", "rank", "route", "spec"}        once admitted by the engine
-  {"type": "delta", "token_ids", "text", "accepted"}           per engine step with new tokens
-  {"type": "end", "finish_reason", "completion_tokens", "target_passes", "stats"}
-or a single {"type": "error", "kind": "invalid"|"no_capacity"|"engine", "message"} (also possible
-after "start": then it ends the stream).
+(the router adds ``route["decision"]``, a RouteDecision, before the call is sent). It yields, in order:
+  {"type": "start", "replica", "rank", "decision"}              once admitted by the engine; ``decision`` is
+                                                                the RouteDecision as it landed here, with the
+                                                                SpecParams this replica runs
+  {"type": "delta", "token_ids", "text", "committed"}           per engine step with new tokens (committed
+                                                                tokens per target pass)
+  {"type": "end", "finish_reason", "stats"}
+or a single {"type": "error", "kind": ErrorKind, "message"} (also possible after "start": then it ends
+the stream).
 Heterogeneous fleets: replica rank r takes ``cfg.fleet()[r]``.
 """
 from __future__ import annotations
@@ -17,14 +20,32 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from dataclasses import replace
 from collections.abc import AsyncIterator
-from typing import Any
+from enum import Enum
+from typing import Any, Callable
 
 from orchestrator.config import ReplicaSpec, ServeConfig
+from orchestrator.routing.decisions import RouteDecision, choose_spec, land
+from workers.engine.client import EngineClient
 from workers.engine.params import EngineError, InvalidRequest, NoCapacity, SamplingParams, SpecParams
 
 log = logging.getLogger("specfleet.replica")
 RECENT_SESSIONS = 1024
+
+
+class ErrorKind(str, Enum):
+    """Why a stream ended in an error item (the ingress maps each to an HTTP status or a retry)."""
+
+    INVALID = "invalid"  # the request can never be served as given: 400
+    NO_CAPACITY = "no_capacity"  # valid, but no KV room now: 429 + Retry-After
+    ENGINE = "engine"  # the engine failed this request: 503 before any token, an error event after
+    REPLICA_FAILED = "replica_failed"  # (ingress) the replica died mid-stream: a non-streamed request is retried
+    STREAM_ENDED = "stream_ended"  # (ingress) the replica ended the stream without an end item
+
+
+def no_gpus() -> dict:
+    return {"gpus": []}
 
 
 def resolve_paths(cfg: ServeConfig, spec: ReplicaSpec) -> tuple[str, str | None]:
@@ -48,9 +69,10 @@ def resolve_paths(cfg: ServeConfig, spec: ReplicaSpec) -> tuple[str, str | None]
     return target, drafter
 
 
-async def build_engine(cfg: ServeConfig, spec: ReplicaSpec, name: str = "specfleet") -> tuple[Any, bool]:
-    """(an object with the AsyncLLMEngine surface for this replica spec, whether it has a drafter).
-    `name` prefixes its rank actors' names (f"{name}-{uid}-g{restarts}-rank{r}") when it has any."""
+async def build_engine(cfg: ServeConfig, spec: ReplicaSpec, name: str = "specfleet") -> tuple[EngineClient, bool]:
+    """(the engine of this replica spec, whether it has a drafter): the mock (in this process, or on rank 0
+    of real rank actors when tp > 1), or a ReplicaGroup (TP ranks as Ray actors; tp == 1 runs the engine in
+    this process). `name` prefixes its rank actors' names (f"{name}-{uid}-g{restarts}-rank{r}")."""
     block = spec.block_size or cfg.model.block_size
     if cfg.engine == "mock":
         from orchestrator.mock_engine import MockEngine, MockEngineRecipe
@@ -77,30 +99,31 @@ async def build_engine(cfg: ServeConfig, spec: ReplicaSpec, name: str = "specfle
         max_model_len=cfg.model.max_model_len, kv_cache_bytes=spec.kv_cache_bytes,
         gpu_memory_utilization=spec.gpu_memory_utilization, num_spec_tokens_default=block,
     )
-    tp = spec.tp if isinstance(spec.tp, int) else 1
-    try:
-        from cluster.runtime.replica_group import ReplicaGroup
-    except ImportError:
-        ReplicaGroup = None
-    if ReplicaGroup is not None:
-        gpus = spec.num_gpus or 0.0
-        bundle = {"CPU": 1.0, "GPU": gpus} if gpus else {"CPU": 1.0}
-        group = ReplicaGroup(ecfg, tp=tp, bundle=bundle, progress=False, name=name)
-        await group.start()
-        return group, drafter is not None
-    if tp != 1:
-        raise ValueError(f"tp={tp} needs cluster.runtime.replica_group.ReplicaGroup, which is not available")
-    from workers.engine.async_engine import AsyncLLMEngine
+    from cluster.runtime.replica_group import ReplicaGroup
 
-    return await asyncio.to_thread(AsyncLLMEngine, ecfg), drafter is not None
+    tp = spec.tp if isinstance(spec.tp, int) else 1
+    gpus = spec.num_gpus or 0.0
+    bundle = {"CPU": 1.0, "GPU": gpus} if gpus else {"CPU": 1.0}
+    group = ReplicaGroup(ecfg, tp=tp, bundle=bundle, progress=False, name=name)
+    await group.start()
+    return group, drafter is not None
+
+    tp = spec.tp if isinstance(spec.tp, int) else 1
+    gpus = spec.num_gpus or 0.0
+    bundle = {"CPU": 1.0, "GPU": gpus} if gpus else {"CPU": 1.0}
+    group = ReplicaGroup(ecfg, tp=tp, bundle=bundle, progress=False, name="specfleet")
+    await group.start()
+    return group, drafter is not None
 
 
 class ReplicaCore:
     """Serve-independent replica logic (tests drive it directly)."""
 
-    def __init__(self, engine: Any, spec: ReplicaSpec, *, replica_id: str, rank: int, block_size: int,
-                 spec_available: bool, default_reason: str = "direct", weights: Any = None):
+    def __init__(self, engine: EngineClient, spec: ReplicaSpec, *, replica_id: str, rank: int, block_size: int,
+                 spec_available: bool, telemetry: Callable[[], dict] = no_gpus, default_reason: str = "direct",
+                 weights: Any = None):
         self.engine = engine
+        self.telemetry = telemetry  # {"gpus": [...]} of the GPUs the engine uses
         self.spec = spec
         self.replica_id = replica_id
         self.rank = rank
@@ -111,76 +134,73 @@ class ReplicaCore:
         self.recent: OrderedDict[str, float] = OrderedDict()
         self.in_flight = 0
 
-    def _decide(self, route: dict | None) -> tuple[SpecParams, str]:
-        """The router's SpecParams for this replica (orchestrator.routing.decisions), else the client's
-        explicit choice, else recomputed from this replica's own stats; AR where there is no drafter."""
-        from orchestrator.routing.decisions import spec_for_replica
+    def _decide(self, route: dict | None) -> RouteDecision:
+        """The router's decision as it lands here, with the SpecParams this replica runs: the router's for
+        it, else the client's explicit choice, else recomputed from this replica's own stats (decisions.
+        choose_spec); AR where there is no drafter."""
         from orchestrator.routing.stats import RoutingStats
 
-        mine = (((route or {}).get("decision") or {}).get("by_replica") or {}).get(self.replica_id) or {}
-        reason = str(mine.get("reason") or self.default_reason)
-        if not self.spec_available:
-            return SpecParams(enabled=False, block_size=self.block_size), reason
         try:
-            sp = spec_for_replica(route, self.replica_id, RoutingStats.from_dict(self.routing_stats()), self.weights)
+            landed = land(route, self.replica_id, self.default_reason)
+        except Exception:  # a malformed decision must not fail the request
+            log.warning("bad route decision ignored", exc_info=True)
+            landed = RouteDecision(self.replica_id, self.default_reason)
+        if not self.spec_available:
+            return replace(landed, spec=SpecParams(enabled=False, block_size=self.block_size))
+        try:
+            sp = choose_spec(route, landed, RoutingStats.from_dict(self.routing_stats()), self.weights)
         except Exception:  # a malformed hint must not fail the request
             log.warning("bad route hint ignored", exc_info=True)
             sp = None
         if sp is None:
-            return SpecParams(enabled=True, block_size=self.block_size), reason
-        return SpecParams(enabled=sp.enabled, block_size=min(int(sp.block_size), self.block_size)), reason
+            return replace(landed, spec=SpecParams(enabled=True, block_size=self.block_size))
+        return replace(landed, spec=SpecParams(enabled=sp.enabled, block_size=min(int(sp.block_size), self.block_size)))
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: dict,
                        tags: dict | None = None, route: dict | None = None) -> AsyncIterator[dict]:
         tags = {k: str(v) for k, v in (tags or {}).items() if v}
-        sp, reason = self._decide(route)
+        decision = self._decide(route)
+        sp = decision.spec
         try:
             params = SamplingParams(**{**sampling, "stop": tuple(sampling.get("stop") or ())})
         except TypeError as exc:
-            yield {"type": "error", "kind": "invalid", "message": f"bad sampling parameters: {exc}"}
+            yield _error(ErrorKind.INVALID, f"bad sampling parameters: {exc}")
             return
         self.in_flight += 1
         gen = self.engine.generate(request_id, list(prompt_token_ids), params, sp, tags)
-        completion = passes = 0
         try:
             try:
                 first = await gen.__anext__()
             except InvalidRequest as exc:
-                yield {"type": "error", "kind": "invalid", "message": str(exc)}
+                yield _error(ErrorKind.INVALID, str(exc))
                 return
             except NoCapacity as exc:
-                yield {"type": "error", "kind": "no_capacity", "message": str(exc)}
+                yield _error(ErrorKind.NO_CAPACITY, str(exc))
                 return
             except (EngineError, StopAsyncIteration) as exc:
-                yield {"type": "error", "kind": "engine", "message": str(exc) or "engine produced nothing"}
+                yield _error(ErrorKind.ENGINE, str(exc) or "engine produced nothing")
                 return
             if tags.get("session"):
                 self.recent[tags["session"]] = time.time()
                 self.recent.move_to_end(tags["session"])
                 while len(self.recent) > RECENT_SESSIONS:
                     self.recent.popitem(last=False)
-            yield {"type": "start", "replica": self.replica_id, "rank": self.rank, "route": reason,
-                   "spec": {"enabled": sp.enabled, "block_size": sp.block_size}}
+            yield {"type": "start", "replica": self.replica_id, "rank": self.rank, "decision": decision.to_dict()}
             out = first
             while True:
-                completion += len(out.new_token_ids)
-                passes += len(out.accepted) if out.accepted else (1 if out.new_token_ids else 0)
                 if out.finish_reason == "error" or out.error:
-                    yield {"type": "error", "kind": "engine", "message": out.error or "engine error"}
+                    yield _error(ErrorKind.ENGINE, out.error or "engine error")
                     return
                 if out.new_token_ids or out.text:
                     yield {"type": "delta", "token_ids": list(out.new_token_ids), "text": out.text,
-                           "accepted": list(out.accepted)}
+                           "committed": list(out.committed)}
                 if out.finished:
-                    yield {"type": "end", "finish_reason": out.finish_reason or "stop",
-                           "completion_tokens": completion, "target_passes": passes,
-                           "stats": self.headroom()}
+                    yield {"type": "end", "finish_reason": out.finish_reason or "stop", "stats": self.headroom()}
                     return
                 try:
                     out = await gen.__anext__()
                 except StopAsyncIteration:
-                    yield {"type": "end", "finish_reason": "stop", "completion_tokens": completion,
-                           "target_passes": passes, "stats": self.headroom()}
+                    yield {"type": "end", "finish_reason": "stop", "stats": self.headroom()}
                     return
         except asyncio.CancelledError:  # the client went away: free the engine's slot
             await self.engine.abort(request_id)
@@ -188,21 +208,10 @@ class ReplicaCore:
         except Exception as exc:  # one request's failure must not take the replica down
             log.exception("request %s failed", request_id)
             await self.engine.abort(request_id)
-            yield {"type": "error", "kind": "engine", "message": f"engine error: {type(exc).__name__}: {exc}"}
+            yield _error(ErrorKind.ENGINE, f"engine error: {type(exc).__name__}: {exc}")
         finally:
             self.in_flight -= 1
             await gen.aclose()
-
-    def telemetry(self) -> dict:
-        fn = getattr(self.engine, "telemetry", None)
-        if fn is not None:
-            return fn()
-        try:
-            from workers.telemetry import gpu_telemetry  # engine-side NVML reader, when present
-
-            return gpu_telemetry()
-        except Exception:
-            return {"gpus": []}
 
     def headroom(self) -> dict:
         st = self.engine.stats()
@@ -238,11 +247,10 @@ class ModelReplica:
         fleet = cfg.fleet()
         spec = fleet[rank % len(fleet)]
         engine, has_drafter = await build_engine(cfg, spec, name=f"specfleet-{ctx.replica_id.unique_id}")
-        default_reason = "direct"
         self.core = ReplicaCore(
             engine, spec, replica_id=ctx.replica_id.unique_id, rank=rank,
             block_size=spec.block_size or cfg.model.block_size,
-            spec_available=has_drafter, default_reason=default_reason, weights=cfg.router.weights,
+            spec_available=has_drafter, telemetry=engine.telemetry, weights=cfg.router.weights,
         )
         log.info("replica %s rank %d ready (speculative=%s)", self.core.replica_id, rank, has_drafter)
 
@@ -286,6 +294,9 @@ class ModelReplica:
                 "ranks": placement() if placement is not None else []}
 
     async def __del__(self):
-        shutdown = getattr(self.core.engine, "shutdown", None) if hasattr(self, "core") else None
-        if shutdown is not None:
-            await shutdown()
+        if hasattr(self, "core"):
+            await self.core.engine.shutdown()
+
+
+def _error(kind: ErrorKind, message: str) -> dict:
+    return {"type": "error", "kind": kind.value, "message": message}

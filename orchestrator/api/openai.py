@@ -20,6 +20,7 @@ from orchestrator.api.errors import APIError
 from orchestrator.api.schemas import ChatCompletionRequest, CompletionRequest, _Sampling
 from orchestrator.api.state import ServerState
 from orchestrator.api.turns import Turn, TurnRequest
+from orchestrator.replica import ErrorKind
 
 router = APIRouter()
 RETRIES_NON_STREAM = 2
@@ -158,13 +159,13 @@ async def _serve(state: ServerState, owner: str, body: _Sampling, prompt: list[i
         for attempt in range(RETRIES_NON_STREAM + 1):
             turn = make()
             await turn.start()
-            error = None
+            error = kind = None
             async for item in turn.items():
                 if item["type"] == "error":
-                    error = item["message"]
+                    error, kind = item["message"], item["kind"]
             if error is None:
                 break
-            if "mid-stream" not in error or attempt == RETRIES_NON_STREAM:
+            if kind != ErrorKind.REPLICA_FAILED or attempt == RETRIES_NON_STREAM:  # nothing sent yet: retry
                 raise APIError(503, error, code="engine_error", type="server_error",
                                headers={"Retry-After": str(state.cfg.limits.retry_after_s), **_headers(turn)})
         text, fr = "".join(turn.result.text), _finish(turn.result.finish_reason)

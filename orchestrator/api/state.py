@@ -55,7 +55,7 @@ class LocalBackend:
         self.own_node = None  # in-process "nodes" are labels: a failure casts doubt on its node-mates
 
     def stream(self, session_id: str | None, kwargs: dict) -> AsyncIterator[dict]:
-        from orchestrator.routing.decisions import DECISIONS
+        from orchestrator.routing.decisions import DISPATCHES
 
         route = kwargs.get("route") or {}
         avoid = set(route.get("avoid") or ())
@@ -63,7 +63,7 @@ class LocalBackend:
         order = [(start + k) % len(self.cores) for k in range(len(self.cores))]
         core = self.cores[next((i for i in order if self.cores[i].replica_id not in avoid), start)]
         if route.get("request_id"):  # what a Serve router records: the replica the call went to
-            DECISIONS.put(route["request_id"], {"replica": core.replica_id})
+            DISPATCHES.record(route["request_id"], core.replica_id)
         return core.generate(**kwargs)
 
     def replicas(self) -> list[ReplicaSeen]:

@@ -11,12 +11,13 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, AsyncIterator
 
 from orchestrator.api.errors import APIError, too_many
 from orchestrator.api.state import ServerState
-from orchestrator.routing.decisions import get_decision, pop_decision, route_hints
+from orchestrator.replica import ErrorKind
+from orchestrator.routing.decisions import DISPATCHES, RouteDecision, route_hints
 from workers.engine.params import SpecParams
 
 log = logging.getLogger("specfleet.api")
@@ -134,33 +135,32 @@ class Turn:
                 continue
             except Exception as exc:  # replica died / unreachable before producing anything: retry
                 last_exc = exc
-                st.fleet.mark_failed((get_decision(self.req.request_id) or {}).get("replica"))
+                st.fleet.mark_failed(DISPATCHES.pop(self.req.request_id))
                 log.warning("replica failed before admission (attempt %d): %s", attempt + 1, type(exc).__name__)
                 await asyncio.sleep(0.2 * (attempt + 1))
                 continue
             if first.get("type") == "error":
                 await _cancel(gen)
                 kind, msg = first.get("kind"), first.get("message", "")
-                if kind == "invalid":
+                if kind == ErrorKind.INVALID:
                     raise APIError(400, msg, code="invalid_request")
-                if kind == "no_capacity":
+                if kind == ErrorKind.NO_CAPACITY:
                     raise too_many(msg, lim.retry_after_s, code="no_capacity")
                 raise APIError(503, f"replica error: {msg}", code="engine_error",
                                headers={"Retry-After": str(lim.retry_after_s)})
+            DISPATCHES.pop(self.req.request_id)  # answered: the replica says where it runs
             self._gen, self._first = gen, first
             res = self.result
-            decision = pop_decision(self.req.request_id) or {}
-            res.replica, res.spec = first.get("replica"), first.get("spec")
-            res.route = decision.get("reason") or first.get("route")
-            if decision.get("replica") and decision["replica"] != res.replica:
-                res.route = "spill"  # the router's best was full; Serve used the next one
+            decision = RouteDecision.from_dict(first.get("decision") or {})  # as it landed on the replica
+            res.replica, res.route = first.get("replica"), decision.reason
+            res.spec = asdict(decision.spec) if decision.spec is not None else None
             st.metrics.route(res.replica or "?", res.route or "?", res.spec)
             return
         raise APIError(503, f"no replica available: {type(last_exc).__name__}: {last_exc}", code="replica_unavailable",
                        headers={"Retry-After": str(lim.retry_after_s)})
 
     async def items(self) -> AsyncIterator[dict]:
-        """Delta items until the end; a mid-stream failure yields {"type": "error"} last."""
+        """Delta items until the end; a mid-stream failure yields {"type": "error", "kind", "message"} last."""
         st, res = self.state, self.result
         try:
             while True:
@@ -168,14 +168,13 @@ class Turn:
                     item = await self._gen.__anext__()
                 except StopAsyncIteration:
                     if res.finish_reason is None:
-                        res.error = "replica ended the stream early"
-                        yield {"type": "error", "message": res.error}
+                        yield self._failed(ErrorKind.STREAM_ENDED, "replica ended the stream early")
                     return
                 except Exception as exc:
                     st.fleet.mark_failed(res.replica)  # its node may be gone: route around it at once
-                    res.error = f"replica failed mid-stream: {type(exc).__name__}"
+                    item = self._failed(ErrorKind.REPLICA_FAILED, f"replica failed mid-stream: {type(exc).__name__}")
                     log.warning("%s (request %s)", res.error, self.req.request_id)
-                    yield {"type": "error", "message": res.error}
+                    yield item
                     return
                 kind = item.get("type")
                 if kind == "delta":
@@ -184,24 +183,26 @@ class Turn:
                         st.metrics.ttft.labels(self.req.endpoint).observe(self._t_first - self._t0)
                     n = len(item.get("token_ids") or [])
                     res.completion_tokens += n
-                    res.target_passes += len(item.get("accepted") or []) or (1 if n else 0)
+                    res.target_passes += len(item.get("committed") or []) or (1 if n else 0)  # counted here, once
                     res.text.append(item.get("text") or "")
-                    st.metrics.delta(res.replica or "?", n, item.get("accepted") or [])
+                    st.metrics.delta(res.replica or "?", n, item.get("committed") or [])
                     yield item
                 elif kind == "end":
                     res.finish_reason = item.get("finish_reason") or "stop"
-                    res.target_passes = item.get("target_passes") or res.target_passes
                     st.metrics.headroom(item.get("stats"))
                     if self._t_first is not None:
                         st.metrics.finished(res.replica or "?", res.completion_tokens,
                                             time.monotonic() - self._t_first)
                     return
                 elif kind == "error":
-                    res.error = item.get("message") or "engine error"
-                    yield {"type": "error", "message": res.error}
+                    yield self._failed(ErrorKind(item.get("kind") or ErrorKind.ENGINE), item.get("message") or "engine error")
                     return
         finally:
             await self.close()
+
+    def _failed(self, kind: ErrorKind, message: str) -> dict:
+        self.result.error = message
+        return {"type": "error", "kind": kind.value, "message": message}
 
     async def close(self) -> None:
         if self._closed:

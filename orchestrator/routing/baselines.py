@@ -1,8 +1,8 @@
 """Baseline routers for comparisons: Serve's power-of-two choices and session-hash affinity.
 
-Both exist twice: as Ray Serve request routers (recording their decision in the same registry as
-SpecfleetRouter, so the ingress headers work under every policy) and as pure functions the
-goodput simulator (benchmarks/simulator.py) uses.
+As Ray Serve request routers they write a ``RouteDecision`` with their reason into the call's ``route=``
+kwarg, as SpecfleetRouter does, so the response headers and metrics work under every policy.
+``hash_order`` is also what the goodput simulator (benchmarks/simulator.py) uses for its hash baseline.
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from typing import Any
 
 from orchestrator import fleet as _fleet
 from orchestrator.routing import decisions as _dec
-from orchestrator.routing.stats import RoutingStats
 
 try:
     from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
@@ -21,7 +20,6 @@ except ImportError:  # pragma: no cover
     PowerOfTwoChoicesRequestRouter = RequestRouter = object  # type: ignore[misc,assignment]
 
 
-# ------------------------------------------------------------------ pure versions
 def hash_order(key: str, replica_ids: list[str]) -> list[str]:
     """Rendezvous (highest-random-weight) hashing: a stable preference order per key.
 
@@ -32,37 +30,11 @@ def hash_order(key: str, replica_ids: list[str]) -> list[str]:
     return sorted(replica_ids, key=weight, reverse=True)
 
 
-def pow2_choose(replicas: list[RoutingStats], rng: random.Random, max_ongoing: int) -> RoutingStats | None:
-    """Two random replicas, the one with the shorter queue (running + waiting); None if both full."""
-    open_ = [r for r in replicas if r.num_running + r.num_waiting < max_ongoing]
-    if not open_:
-        return None
-    pick = rng.sample(open_, k=min(2, len(open_)))
-    return min(pick, key=lambda r: r.num_running + r.num_waiting)
-
-
-def hash_choose(session_id: str | None, replicas: list[RoutingStats], rng: random.Random,
-                max_ongoing: int) -> RoutingStats | None:
-    """The session's home replica; the next one in its hash order when the home is full."""
-    if not session_id:
-        return pow2_choose(replicas, rng, max_ongoing)
-    by_id = {r.replica_id: r for r in replicas}
-    for rid in hash_order(session_id, list(by_id)):
-        r = by_id[rid]
-        if r.num_running + r.num_waiting < max_ongoing:
-            return r
-    return None
-
-
-# ------------------------------------------------------------------ Serve routers
-def _record(pending_request: Any, reason: str, uid: str | None = None) -> None:
-    route = pending_request.kwargs.get(_dec.ROUTE_KWARG) if pending_request is not None else None
-    if isinstance(route, dict) and route.get("request_id"):
-        if uid is None:
-            _dec.DECISIONS.put(route["request_id"], {"replica": None, "reason": reason, "spec": None,
-                                                "score": 0.0, "tau_hat": 0.0, "by_replica": {}})
-        else:
-            _dec.DECISIONS.update(route["request_id"], replica=uid)
+def _record(pending_request: Any, reason: str) -> None:
+    """The policy's decision (no replica named: the one Serve picks is where it lands) into the kwargs."""
+    if pending_request is not None and _dec.ROUTE_KWARG in pending_request.kwargs:
+        hints = pending_request.kwargs[_dec.ROUTE_KWARG] or {}
+        pending_request.kwargs[_dec.ROUTE_KWARG] = _dec.with_decision(hints, _dec.RouteDecision(None, reason))
 
 
 def _hints(pending_request: Any) -> dict:
@@ -83,7 +55,7 @@ class Pow2Router(PowerOfTwoChoicesRequestRouter):
         return await super().choose_replicas(candidate_replicas, pending_request)
 
     def on_request_routed(self, pending_request, replica_id, result) -> None:
-        _record(pending_request, "pow2", replica_id.unique_id)
+        _dec.record_dispatch(pending_request, replica_id)
 
 
 class SessionHashRouter(RequestRouter):
@@ -112,7 +84,7 @@ class SessionHashRouter(RequestRouter):
         return [[by_id[i]] for i in hash_order(sid, list(by_id))]
 
     def on_request_routed(self, pending_request, replica_id, result) -> None:
-        _record(pending_request, "session-hash", replica_id.unique_id)
+        _dec.record_dispatch(pending_request, replica_id)
 
 
 ROUTER_CLASSES = {

@@ -1,16 +1,24 @@
-"""Route decisions shared between the Serve router, the ingress and the replica (torch-free).
+"""The route contract between the ingress, the Serve router and the replica (torch-free, JSON-safe).
 
-Ray Serve pickles the request-router class *by value* (its module is registered with
-cloudpickle.register_pickle_by_value), so module globals of router.py would be copied into
-the caller process, not shared. Everything stateful therefore lives here, and router.py reaches
-it through the module object (pickled by reference: the same registry the ingress reads).
+  ingress  -> ``route_hints(...)``: the ``route=`` kwarg of every call (request id, session, role, team,
+              token counts, the client's explicit SpecParams if any);
+  router   -> ``RouteDecision``: created once, by the router (``from_choices`` for the specfleet policy,
+              a bare reason for the baselines), written into ``route["decision"]`` before Serve sends the
+              call (Serve sends ``pending_request.kwargs`` after ``choose_replicas`` returns);
+  replica  -> ``land(route, my_id)``: the decision as it lands on this replica (``spill`` when Serve used a
+              replica other than the router's best: the best was at max_ongoing_requests), with the
+              speculation the replica then runs (``choose_spec``); it travels back in the stream's first
+              item and from there to the response headers, the session registry and the metrics.
+One thing the replica cannot tell when it fails before answering: where the call went. Routers note it
+(``DISPATCHES``, in the ingress process; Serve pickles router classes by value, so it lives here) for the
+ingress to blame the right replica.
 """
 from __future__ import annotations
 
 import random
 import threading
 from collections import OrderedDict
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from orchestrator.routing.score import Choice, RouteRequest, RouterWeights, rank
@@ -21,48 +29,87 @@ ROUTE_KWARG = "route"
 _UNKNOWN_KV = 1 << 40  # a replica that has not reported yet: assume room, let its engine decide
 
 
-class DecisionRegistry:
-    """request id -> decision dict; written by the router thread, read by the ingress. Bounded."""
+@dataclass
+class RouteDecision:
+    replica: str | None  # the replica the router chose; None where the policy names none (pow2, hashing)
+    reason: str  # why (docs/routing.md): only | headroom | affinity | explore | acceptance | load [+spec-off |
+    #              +spec-probe] | spill | no-headroom | pow2 | session-hash | random | direct
+    spec: SpecParams | None = None  # speculation on that replica; None = the replica decides
+    detail: dict[str, float] = field(default_factory=dict)  # the router's prediction: score, tau_hat
+    alternatives: dict[str, tuple[SpecParams, str]] = field(default_factory=dict)  # every ranked replica:
+    #              (spec, reason) it gets when Serve spills the request there
+
+    @classmethod
+    def from_choices(cls, choices: list[Choice], fallback_ids: list[str] | None = None) -> "RouteDecision":
+        """The specfleet router's decision from ``rank()``; with no eligible replica: ``no-headroom`` on the
+        first fallback (most free KV), where the engine's admission answers 429."""
+        if not choices:
+            return cls((fallback_ids or [None])[0], "no-headroom")
+        best = choices[0]
+        return cls(best.replica_id, best.reason, best.spec,
+                   {"score": round(best.score, 3), "tau_hat": round(best.tau_hat, 3)},
+                   {c.replica_id: (c.spec, c.reason) for c in choices})
+
+    def landed_on(self, replica_id: str) -> "RouteDecision":
+        """This decision as seen by the replica that serves the request."""
+        if self.replica is None or replica_id == self.replica:
+            return replace(self, replica=replica_id, alternatives={})
+        if replica_id in self.alternatives:
+            spec, reason = self.alternatives[replica_id]
+            return RouteDecision(replica_id, reason, spec, {})
+        return RouteDecision(replica_id, "spill")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"replica": self.replica, "reason": self.reason, "spec": _spec_dict(self.spec),
+                "detail": dict(self.detail),
+                "alternatives": {r: [asdict(s), why] for r, (s, why) in self.alternatives.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RouteDecision":
+        return cls(d.get("replica"), str(d.get("reason") or "direct"), _spec(d.get("spec")),
+                   {str(k): float(v) for k, v in (d.get("detail") or {}).items()},
+                   {str(r): (SpecParams(**s), str(why)) for r, (s, why) in (d.get("alternatives") or {}).items()})
+
+
+def _spec_dict(spec: SpecParams | None) -> dict[str, Any] | None:
+    return asdict(spec) if spec is not None else None
+
+
+def _spec(d: dict[str, Any] | None) -> SpecParams | None:
+    return SpecParams(**d) if d else None
+
+
+class DispatchLog:
+    """request id -> the replica Serve sent it to (bounded; written by routers' ``on_request_routed``)."""
 
     def __init__(self, capacity: int = 20000):
-        self._d: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._d: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
         self._cap = capacity
 
-    def put(self, request_id: str, decision: dict[str, Any]) -> None:
+    def record(self, request_id: str, replica_id: str) -> None:
         with self._lock:
-            self._d[request_id] = decision
+            self._d[request_id] = replica_id
             self._d.move_to_end(request_id)
             while len(self._d) > self._cap:
                 self._d.popitem(last=False)
 
-    def update(self, request_id: str, **fields: Any) -> None:
-        with self._lock:
-            if request_id in self._d:
-                self._d[request_id].update(fields)
-
-    def get(self, request_id: str) -> dict[str, Any] | None:
-        with self._lock:
-            d = self._d.get(request_id)
-            return dict(d) if d else None
-
-    def pop(self, request_id: str) -> dict[str, Any] | None:
+    def pop(self, request_id: str) -> str | None:
         with self._lock:
             return self._d.pop(request_id, None)
 
 
-DECISIONS = DecisionRegistry()
+DISPATCHES = DispatchLog()
 
 
-def pop_decision(request_id: str) -> dict[str, Any] | None:
-    return DECISIONS.pop(request_id)
+def record_dispatch(pending_request: Any, replica_id: Any) -> None:
+    """A router's ``on_request_routed``: note where the call went (calls without route hints are not noted)."""
+    route = pending_request.kwargs.get(ROUTE_KWARG) if pending_request is not None else None
+    if isinstance(route, dict) and route.get("request_id"):
+        DISPATCHES.record(route["request_id"], getattr(replica_id, "unique_id", replica_id))
 
 
-def get_decision(request_id: str) -> dict[str, Any] | None:
-    return DECISIONS.get(request_id)
-
-
-# ------------------------------------------------------------------ call-site helpers
+# ------------------------------------------------------------------ ingress side
 def route_hints(
     request_id: str,
     *,
@@ -86,7 +133,7 @@ def route_hints(
         "prompt_tokens": int(prompt_tokens),
         "max_tokens": int(max_tokens),
         "prefix_tokens": int(prefix_tokens),
-        "spec": asdict(spec) if spec is not None else None,
+        "spec": _spec_dict(spec),
         "spec_off_turns": int(spec_off_turns),
         "avoid": [str(r) for r in (avoid or [])],
     }
@@ -103,40 +150,22 @@ def without_avoided(candidates: list[Any], hints: dict[str, Any] | None) -> list
 
 
 def route_request_from_hints(h: dict[str, Any]) -> RouteRequest:
-    spec = h.get("spec")
     return RouteRequest(
         session_id=h.get("session_id"),
         role=h.get("role"),
         team=h.get("team"),
         prompt_tokens=int(h.get("prompt_tokens") or 0),
         max_tokens=int(h.get("max_tokens") or 128),
-        spec_requested=SpecParams(**spec) if spec else None,
+        spec_requested=_spec(h.get("spec")),
         prefix_tokens=int(h.get("prefix_tokens") or 0),
         spec_off_turns=int(h.get("spec_off_turns") or 0),
     )
 
 
-def spec_for_replica(
-    route: dict[str, Any] | None,
-    replica_id: str,
-    own_stats: RoutingStats | None = None,
-    weights: RouterWeights | None = None,
-) -> SpecParams | None:
-    """Replica side: the SpecParams the router chose for this replica; if the call carries no
-    decision for it (another router, or a direct call), recompute it with the same pure scoring
-    on this replica's own stats. None = the engine's default."""
-    if not route:
-        return None
-    chosen = ((route.get("decision") or {}).get("by_replica") or {}).get(replica_id)
-    if chosen:
-        return SpecParams(**chosen["spec"])
-    if route.get("spec"):
-        return SpecParams(**route["spec"])
-    if own_stats is not None:
-        cfg = (weights or RouterWeights()).model_copy(update={"kv_safety": 1.0})
-        out = rank(route_request_from_hints(route), [own_stats], cfg)
-        return out[0].spec if out else None
-    return None
+# ------------------------------------------------------------------ router side
+def with_decision(hints: dict[str, Any], decision: RouteDecision) -> dict[str, Any]:
+    """The ``route=`` kwarg carrying the router's decision to the replica."""
+    return {**hints, "decision": decision.to_dict()}
 
 
 def stats_of(replica: Any) -> RoutingStats:
@@ -165,18 +194,32 @@ def order_with_shuffled_ties(choices: list[Choice], rng: random.Random, rel: flo
     return out
 
 
-def decision_dict(choices: list[Choice], fallback_ids: list[str] | None = None) -> dict[str, Any]:
-    if choices:
-        best = choices[0]
-        return {
-            "replica": best.replica_id,
-            "reason": best.reason,
-            "spec": asdict(best.spec),
-            "score": round(best.score, 3),
-            "tau_hat": round(best.tau_hat, 3),
-            "by_replica": {c.replica_id: {"spec": asdict(c.spec), "reason": c.reason} for c in choices},
-        }
-    return {"replica": (fallback_ids or [None])[0], "reason": "no-headroom", "spec": None,
-            "score": 0.0, "tau_hat": 0.0, "by_replica": {}}
+# ------------------------------------------------------------------ replica side
+def land(route: dict[str, Any] | None, replica_id: str, default_reason: str = "direct") -> RouteDecision:
+    """The router's decision as it lands on ``replica_id``; ``default_reason`` for a call without one."""
+    d = (route or {}).get("decision")
+    if not d:
+        return RouteDecision(replica_id, default_reason)
+    return RouteDecision.from_dict(d).landed_on(replica_id)
 
 
+def choose_spec(
+    route: dict[str, Any] | None,
+    landed: RouteDecision,
+    own_stats: RoutingStats | None = None,
+    weights: RouterWeights | None = None,
+) -> SpecParams | None:
+    """The SpecParams this replica runs: the router's for it; without one (a baseline policy, a direct
+    call) the client's explicit choice, else the same pure scoring on this replica's own stats.
+    None = the engine's default."""
+    if landed.spec is not None:
+        return landed.spec
+    if not route:
+        return None
+    if route.get("spec"):
+        return SpecParams(**route["spec"])
+    if own_stats is not None:
+        cfg = (weights or RouterWeights()).model_copy(update={"kv_safety": 1.0})
+        out = rank(route_request_from_hints(route), [own_stats], cfg)
+        return out[0].spec if out else None
+    return None

@@ -1,22 +1,18 @@
 """Ray Serve request router that places each request by predicted goodput (orchestrator.routing.score).
 
-Contract with the ingress and the replica deployment (see docs/routing.md):
+Contract with the ingress and the replica deployment (orchestrator/routing/decisions.py, docs/routing.md):
 
 * The ingress calls the replica deployment with a ``route=`` keyword argument built by
-  ``route_hints(...)`` (request id, session, role, team, token counts, the client's explicit
-  SpecParams if any), through ``handle.options(session_id=sid)``.
+  ``route_hints(...)`` through ``handle.options(session_id=sid)``.
 * ``SpecfleetRouter`` (one instance per caller process, i.e. in the ingress) ranks the replicas
   with ``score.rank`` on the routing stats each replica reports (``record_routing_stats`` returns
   ``RoutingStats.to_dict()``), corrected for requests it sent since those stats were measured.
   It returns singleton ranks, best first, so Serve spills to the next replica only when the best
   one is at ``max_ongoing_requests``.
-* The decision reaches the replica in the call's kwargs: ``route["decision"]`` holds, for every
-  ranked replica, the SpecParams chosen for it (Serve sends ``pending_request.kwargs`` after
-  ``choose_replicas`` returns; verified by tests/cpu/test_router.py). ``spec_for_replica(route,
-  my_id)`` reads it on the replica side.
-* The decision reaches the ingress through a process-local registry: ``pop_decision(request_id)``
-  returns ``{"replica", "reason", "spec", "score", "tau_hat"}`` with the replica Serve actually
-  used (``on_request_routed``), for the ``x-specfleet-replica`` / ``x-specfleet-route`` headers.
+* Its ``RouteDecision`` (best replica, reason, SpecParams, prediction, and the SpecParams chosen for
+  every other ranked replica) travels in the call's kwargs as ``route["decision"]`` (Serve sends
+  ``pending_request.kwargs`` after ``choose_replicas`` returns; verified by tests/cpu/test_router.py);
+  the replica lands it (``decisions.land``) and reports it back in its first stream item.
 * When no replica has KV headroom the request goes to the replica with the most free KV with
   reason ``no-headroom``; the engine's admission then raises NoCapacity (HTTP 429), never OOM.
 """
@@ -28,18 +24,6 @@ from typing import Any
 
 from orchestrator import fleet as _fleet
 from orchestrator.routing import decisions as _dec
-from orchestrator.routing.decisions import (  # noqa: F401  (re-exported for callers)
-    DECISIONS,
-    ROUTE_KWARG,
-    decision_dict,
-    get_decision,
-    order_with_shuffled_ties,
-    pop_decision,
-    route_hints,
-    route_request_from_hints,
-    spec_for_replica,
-    stats_of,
-)
 from orchestrator.routing.score import RouterWeights, rank
 from orchestrator.routing.stats import RoutingStats
 
@@ -93,7 +77,7 @@ class SpecfleetRouter(RequestRouter):
             ordered = [c.replica_id for c in choices]
         else:  # nobody has headroom: most free KV first, the engine's admission answers 429
             ordered = [s.replica_id for s in sorted(stats, key=lambda s: -s.kv_free_tokens)]
-        decision = _dec.decision_dict(choices, ordered)
+        decision = _dec.RouteDecision.from_choices(choices, ordered)
         if pending_request is not None:
             # count it on the best replica now: concurrent requests routed before this one is sent
             # must see it (on_request_routed moves it to the replica Serve actually used)
@@ -103,9 +87,8 @@ class SpecfleetRouter(RequestRouter):
                 mine.pop(iid, None)
             if choices:
                 self._inflight.setdefault(ordered[0], {})[iid] = (time.time(), need)
-            if isinstance(hints, dict) and hints.get("request_id"):
-                pending_request.kwargs[_dec.ROUTE_KWARG] = {**hints, "decision": decision}
-                _dec.DECISIONS.put(hints["request_id"], decision)
+            if _dec.ROUTE_KWARG in pending_request.kwargs:
+                pending_request.kwargs[_dec.ROUTE_KWARG] = _dec.with_decision(hints, decision)
         return [[by_id[rid]] for rid in ordered]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: Any, result: Any) -> None:
@@ -119,15 +102,7 @@ class SpecfleetRouter(RequestRouter):
             route0 = pending_request.kwargs.get(_dec.ROUTE_KWARG) or {}
             need = int(route0.get("prompt_tokens") or 0) + int(route0.get("max_tokens") or 0)
         self._inflight.setdefault(uid, {})[iid] = (time.time(), need)
-        route = pending_request.kwargs.get(_dec.ROUTE_KWARG) or {}
-        if isinstance(route, dict) and route.get("request_id"):
-            chosen = (route.get("decision") or {}).get("by_replica", {}).get(uid)
-            fields: dict[str, Any] = {"replica": uid}
-            if chosen:
-                fields.update(spec=chosen["spec"])
-                if (route.get("decision") or {}).get("replica") != uid:
-                    fields.update(reason="spill")  # the best replica was at max_ongoing_requests
-            _dec.DECISIONS.update(route["request_id"], **fields)
+        _dec.record_dispatch(pending_request, replica_id)
 
     def on_request_completed(self, replica_id: Any, internal_request_id: str) -> None:
         self._inflight.get(replica_id.unique_id, {}).pop(internal_request_id, None)

@@ -77,8 +77,9 @@ def _app(tmp_path, nodes, max_ongoing=2, step_ms=30):
     cfg = mock_config(tmp_path, limits={"retry_after_s": 3},
                       replicas=[{"count": len(nodes), "max_ongoing_requests": max_ongoing,
                                  "mock": {"step_ms": step_ms, "vram_total_bytes": 80 * 10**9}}])
-    cores = [ReplicaCore(MockEngine(s.mock, block_size=16, max_num_seqs=s.max_num_seqs), s, replica_id=f"r{i}",
-                         rank=i, block_size=16, spec_available=True) for i, s in enumerate(cfg.fleet())]
+    engines = [MockEngine(s.mock, block_size=16, max_num_seqs=s.max_num_seqs) for s in cfg.fleet()]
+    cores = [ReplicaCore(e, s, replica_id=f"r{i}", rank=i, block_size=16, spec_available=True, telemetry=e.telemetry)
+             for i, (e, s) in enumerate(zip(engines, cfg.fleet()))]
     state = ServerState.create(cfg, LocalBackend(cores, nodes))
     return create_app(state), state, cores
 

@@ -97,7 +97,7 @@ async def _greedy(group, rid, prompt, n=20):
     async for out in group.generate(rid, prompt, SamplingParams(max_tokens=n, ignore_eos=True)):
         assert out.error is None, out.error
         toks += out.new_token_ids
-        accepted += out.accepted
+        accepted += out.committed
     return toks, accepted
 
 

@@ -1,5 +1,5 @@
 """SpecfleetRouter inside a real (local, CPU) Ray Serve: the route decision reaches the replica through
-the call kwargs and the caller through the registry; sessions go where their role accepts best; a
+the call kwargs and the caller through the replica's answer; sessions go where their role accepts best; a
 replica near its KV limit stops receiving new sessions. One shared Serve instance, mock engines."""
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ serve = pytest.importorskip("ray.serve")
 
 from orchestrator.config import MockProfile  # noqa: E402
 from orchestrator.mock_engine import MockEngine  # noqa: E402
-from orchestrator.routing.router import get_decision, route_hints, spec_for_replica  # noqa: E402
+from orchestrator.routing.decisions import choose_spec, land, route_hints  # noqa: E402
 from orchestrator.routing.stats import RoutingStats  # noqa: E402
 from workers.engine.params import SamplingParams  # noqa: E402
 
@@ -40,7 +40,8 @@ class MockReplica:
         ).to_dict()
 
     async def generate(self, prompt: str, max_tokens: int = 16, route: dict | None = None) -> dict:
-        spec = spec_for_replica(route, self.uid)
+        decision = land(route, self.uid)
+        spec = choose_spec(route, decision)
         tags = {k: route[k] for k in ("session_id", "role", "team") if route and route.get(k)}
         tags = {("session" if k == "session_id" else k): v for k, v in tags.items()}
         ids = self.engine.tokenizer.encode(prompt)
@@ -54,7 +55,7 @@ class MockReplica:
         finally:
             self.running -= 1
         return {"replica": self.uid, "rank": self.rank, "tokens": n,
-                "decision_seen": bool(route and route.get("decision")),
+                "decision_seen": bool(route and route.get("decision")), "decision": decision.to_dict(),
                 "spec": None if spec is None else [spec.enabled, spec.block_size]}
 
     def peak(self) -> dict:
@@ -93,7 +94,7 @@ async def _call(handle, sid, role, max_tokens=16, prompt="hello " * 20):
     hints = route_hints(rid, session_id=sid, role=role, team="t", prompt_tokens=len(prompt) + 0,
                         max_tokens=max_tokens)
     out = await handle.options(session_id=sid).generate.remote(prompt, max_tokens, route=hints)
-    return out, get_decision(rid)
+    return out, out["decision"]
 
 
 async def test_sessions_follow_acceptance_and_the_decision_reaches_the_replica(serve_instance):

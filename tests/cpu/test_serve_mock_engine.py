@@ -56,7 +56,7 @@ async def test_acceptance_profile_per_role_shows_in_stats():
     tau = eng.stats().tau_by_tag["role"]
     assert tau["coder"][0] > 3 > tau["critic"][0]
     ar = await _collect(eng, "ar", [9], SamplingParams(max_tokens=5), SpecParams(enabled=False))
-    assert [o.accepted for o in ar[0]] == [[1]] * 5
+    assert [o.committed for o in ar[0]] == [[1]] * 5
 
 
 async def test_wedge_fails_health_check_and_fault_injection():

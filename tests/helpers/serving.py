@@ -34,7 +34,7 @@ def inproc_app(cfg: ServeConfig):
                          max_num_seqs=spec.max_num_seqs, speculative=has)
         cores.append(ReplicaCore(eng, spec, replica_id=f"r{rank}", rank=rank,
                                  block_size=spec.block_size or cfg.model.block_size, spec_available=has,
-                                 weights=cfg.router.weights))
+                                 telemetry=eng.telemetry, weights=cfg.router.weights))
     state = ServerState.create(cfg, LocalBackend(cores))
     return create_app(state), state, cores
 

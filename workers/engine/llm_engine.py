@@ -20,7 +20,7 @@ from workers.engine.detokenize import IncrementalDetokenizer
 from workers.engine.kv_cache import BlockManager, KVPool, blocks_for, kv_bytes_per_block, pool_budget_bytes
 from workers.engine.params import (EngineStats, InvalidRequest, NoCapacity, RequestOutput, SamplingParams,
                                    SpecParams)
-from workers.engine.runner import ModelRunner, SeqSlice, build_step_inputs
+from workers.engine.runner import ModelRunner
 from workers.engine.scheduler import ScheduledSeq, Scheduler, Sequence
 from workers.engine.stats import StatsTracker
 from workers.engine.step import SeqResult, StepExecutor
@@ -235,7 +235,7 @@ class LLMEngine:
             del self._detok[rid]
         # tokens a pass verified past EOS are not committed: tau counts only what the request keeps
         return RequestOutput(rid, tokens, text, finished=reason is not None, finish_reason=reason,
-                             accepted=[len(tokens)])
+                             committed=[len(tokens)])
 
     def stats(self) -> EngineStats:
         s = self.scheduler

@@ -75,7 +75,7 @@ class RequestOutput:
     text: str = ""  # detokenized text delta for new_token_ids (stop strings already cut)
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
-    accepted: list[int] = field(default_factory=list)  # committed tokens per target pass in this step
+    committed: list[int] = field(default_factory=list)  # tokens committed by each target pass in this step
     error: str | None = None
 
 

@@ -49,7 +49,7 @@ def measure(engine, items: list[Item], temperature: float, max_tokens: int, bloc
             if out.request_id not in seen_first:
                 seen_first.add(out.request_id)
             else:
-                passes[out.request_id].extend(out.accepted)
+                passes[out.request_id].extend(out.committed)
             if out.finished:
                 bar.update(1)
     bar.close()

@@ -5,7 +5,7 @@ p in [P, T-2] is drafted with the block the engine would use there (``serving_bl
 ``max_tokens``), over the target features of positions < p, and its accepted prefix is the number of leading
 draft rows equal to the target's tokens. ``walk`` then replays speculative decoding along the sequence:
 anchor P (the token the prefill pass sampled), commit accepted + 1 (the bonus), jump, a pass of 1 where the
-engine runs autoregressively, and no bonus after EOS. Its passes are exactly the engine's ``RequestOutput.accepted`` entries after
+engine runs autoregressively, and no bonus after EOS. Its passes are exactly the engine's ``RequestOutput.committed`` entries after
 the first output (a test checks it against the engine), so tau here is the engine's tau at T=0, up to the
 bf16 numerics of batched serving.
 """
