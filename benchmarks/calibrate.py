@@ -63,13 +63,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from orchestrator.config import cache_dir
     from workers.engine.config import EngineConfig
     from workers.engine.llm_engine import LLMEngine
     from workers.engine.params import SpecParams
+    from workers.hub import model_dir
 
     torch.set_num_threads(a.threads)
-    target = a.target or str(cache_dir() / "models" / "smollm2-135m-instruct")
+    target = a.target or str(model_dir("smollm2"))
     tmp = tempfile.mkdtemp(prefix="specfleet-cal-")
     drafter = a.drafter or _random_drafter(target, tmp, block=a.block)
     batches = [int(b) for b in a.batches.split(",")]

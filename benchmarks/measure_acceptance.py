@@ -26,14 +26,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from benchmarks.workload import ROLES, WorkloadConfig, generate
-    from orchestrator.config import cache_dir
     from orchestrator.routing.score import alpha_from_tau
     from workers.engine.config import EngineConfig
     from workers.engine.llm_engine import LLMEngine
     from workers.engine.params import SamplingParams
+    from workers.hub import model_dir
 
     torch.set_num_threads(a.threads)
-    target = a.target or str(cache_dir() / "models" / "smollm2-135m-instruct")
+    target = a.target or str(model_dir("smollm2"))
     sessions = generate(WorkloadConfig(teams=40, seed=123, agents_per_team=4))
     prompts = {r: [s for s in sessions if s.role == r][: a.per_role] for r in ROLES}
     out: dict = {"_meta": {"measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

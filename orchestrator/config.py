@@ -16,24 +16,22 @@ Example (YAML):
 from __future__ import annotations
 
 import os
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from orchestrator.routing.score import RouterWeights
+from workers.engine.config import EngineConfig
+from workers.hub import cache_root
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def cache_dir() -> Path:
-    """specfleet's cache root: $SPECFLEET_CACHE or ~/.cache/specfleet."""
-    return Path(os.environ.get("SPECFLEET_CACHE", Path.home() / ".cache" / "specfleet"))
-
-
-class ModelConfig(_Strict):
+class ServedModelConfig(_Strict):
     """The served model pair."""
 
     name: str = Field("specfleet-demo", min_length=1, description="model id clients send (`model` field)")
@@ -80,7 +78,8 @@ class MockProfile(_Strict):
 
 
 class ReplicaSpec(_Strict):
-    """One kind of replica in the fleet; `count` identical copies. Fleets may be heterogeneous."""
+    """One kind of replica in the fleet; `count` identical copies. Fleets may be heterogeneous.
+    Fields named as EngineConfig's are that engine field (defaults from EngineConfig; `engine_config`)."""
 
     count: int = Field(1, ge=1, le=64)
     tp: int | Literal["auto"] = Field(1, description='tensor-parallel degree, or "auto" = use the planner')
@@ -88,10 +87,10 @@ class ReplicaSpec(_Strict):
         None, description='override of model.drafter for these replicas; "none" = AR only'
     )
     block_size: int | None = Field(None, ge=2, le=64)
-    kv_cache_bytes: int | None = Field(None, ge=1 << 20, description="KV pool on CPU")
-    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
-    max_num_seqs: int = Field(16, ge=1, le=1024)
-    max_num_batched_tokens: int = Field(2048, ge=16)
+    kv_cache_bytes: int | None = Field(EngineConfig.kv_cache_bytes, ge=1 << 20, description="KV pool on CPU")
+    gpu_memory_utilization: float = Field(EngineConfig.gpu_memory_utilization, gt=0, le=1)
+    max_num_seqs: int = Field(EngineConfig.max_num_seqs, ge=1, le=1024)
+    max_num_batched_tokens: int = Field(EngineConfig.max_num_batched_tokens, ge=16)
     max_ongoing_requests: int = Field(32, ge=1, description="Serve's cap on requests per replica")
     num_gpus: float | None = Field(None, ge=0, description="GPUs per TP rank (default: 1 if CUDA else 0)")
     mock: MockProfile = Field(default_factory=MockProfile)
@@ -167,7 +166,7 @@ class PersistenceConfig(_Strict):
     sqlite_path: str | None = Field(None, description="default: <cache>/sessions.sqlite; ':memory:' = none")
 
     def resolved_path(self) -> str:
-        return self.sqlite_path or str(cache_dir() / "sessions.sqlite")
+        return self.sqlite_path or str(cache_root() / "sessions.sqlite")
 
 
 class HttpConfig(_Strict):
@@ -183,7 +182,7 @@ class RayConfig(_Strict):
 
 
 class ServeConfig(_Strict):
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    model: ServedModelConfig = Field(default_factory=ServedModelConfig)
     replicas: list[ReplicaSpec] = Field(default_factory=lambda: [ReplicaSpec()], min_length=1)
     router: RouterConfig = Field(default_factory=RouterConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
@@ -196,6 +195,15 @@ class ServeConfig(_Strict):
     drain_timeout_s: float = Field(30.0, ge=0, description="graceful shutdown: wait for in-flight streams")
     health_check_period_s: float = Field(5.0, gt=0, le=600, description="Serve health checks of replicas")
     health_check_timeout_s: float = Field(30.0, gt=0, le=3600)
+
+    def engine_config(self, spec: ReplicaSpec, target: str, drafter: str | None) -> EngineConfig:
+        """The EngineConfig of a replica: every field named as an EngineConfig field is taken from the served
+        model (dtype, device, max_model_len) and from the replica spec (KV and batching limits) by name."""
+        engine = {f.name for f in fields(EngineConfig)} - {"model", "drafter"}
+        kw = {k: getattr(self.model, k) for k in engine & set(ServedModelConfig.model_fields)}
+        kw.update({k: getattr(spec, k) for k in engine & set(ReplicaSpec.model_fields)})
+        return EngineConfig(model=target, drafter=drafter, spec_block_size=spec.block_size or self.model.block_size,
+                            **kw)
 
     def fleet(self) -> list[ReplicaSpec]:
         """One spec per replica, in rank order (a spec with count=n appears n times)."""

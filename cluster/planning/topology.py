@@ -47,10 +47,6 @@ class NodeProfile:
     scaleout_bw: float = 0.0
     gpu_names: tuple[str, ...] = field(default_factory=tuple)  # real names when discovered
 
-    @property
-    def total_memory(self) -> float:
-        return self.gpu.memory_bytes * self.num_gpus
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

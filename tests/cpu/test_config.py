@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from orchestrator.config import ServeConfig
+from orchestrator.config import ReplicaSpec, ServeConfig
 
 
 def test_defaults_round_trip_through_args():
@@ -91,3 +91,20 @@ def test_serve_cli_check_and_schema(tmp_path, capsys):
     path.write_text("replicas: [{count: 0}]\n")
     assert main(["serve", str(path), "--check"]) == 1  # a clear message, no traceback
     assert "greater than or equal to 1" in capsys.readouterr().err
+
+
+def test_engine_fields_have_one_source():
+    """A replica's EngineConfig takes every same-named field from the served model and the replica spec;
+    their defaults are EngineConfig's."""
+    from workers.engine.config import EngineConfig
+
+    cfg = ServeConfig.model_validate({"model": {"dtype": "float32", "device": "cpu", "max_model_len": 512,
+                                                "block_size": 8},
+                                      "replicas": [{"max_num_seqs": 4, "kv_cache_bytes": 8 << 20},
+                                                   {"block_size": 4, "gpu_memory_utilization": 0.5}]})
+    a, b = (cfg.engine_config(s, "/m", None) for s in cfg.fleet())
+    assert (a.dtype, a.device, a.max_model_len, a.max_num_seqs, a.kv_cache_bytes, a.spec_block_size) == \
+        ("float32", "cpu", 512, 4, 8 << 20, 8)
+    assert (b.spec_block_size, b.gpu_memory_utilization, b.max_num_seqs) == (4, 0.5, EngineConfig.max_num_seqs)
+    default = ServeConfig().engine_config(ReplicaSpec(), "/m", "/d")
+    assert default == EngineConfig(model="/m", drafter="/d", spec_block_size=16)

@@ -267,7 +267,6 @@ def drive(model: CausalLM, ctx: TPContext) -> _Driver:
     drv = _Driver(model, ctx)
     for op in OPS:
         setattr(model, op, (lambda o: lambda *a, **k: drv.call(o, *a, **k))(op))
-    model.tp_driver = drv  # type: ignore[attr-defined]
     return drv
 
 

@@ -17,7 +17,7 @@ class EngineConfig:
     kv_block_size: int = 16  # tokens per KV-cache block
     kv_cache_bytes: int | None = None  # pool size on CPU (default 512 MiB)
     gpu_memory_utilization: float = 0.85
-    num_spec_tokens_default: int = 16  # default SpecParams.block_size
+    spec_block_size: int = 16  # default SpecParams.block_size: anchor + drafts (vLLM num_speculative_tokens + 1)
     seed: int = 0
     cuda_graphs: bool = False  # workers/engine/graph_runner.py: CUDA graphs on GPU (tp == 1), static-buffer replay on CPU
     cpu_packed_weights: bool = True  # workers/models/packed.py: oneDNN-reordered bf16 weights where the CPU has native bf16

@@ -173,8 +173,6 @@ class GraphRunner(ModelRunner):
         if key is None:
             self.fallbacks += 1
             return super().run_target(inp)
-        if self.before_forward is not None:
-            self.before_forward(inp)
         _, bp, qp, kp, capture = key
         g = self._graph(key, lambda: self._build_target(bp, qp, kp, capture))
         s = g.bufs
@@ -295,7 +293,6 @@ def graph_runner_over(runner: ModelRunner, blocks, max_num_seqs: int, max_model_
     g = GraphRunner(runner.model, runner.drafter, runner.pool, runner.block_size, runner.device,
                     scratch_block=reserve_scratch_block(blocks), max_num_seqs=max_num_seqs,
                     max_model_len=max_model_len, mode=mode, fuse=fuse, compile=compile)
-    g.before_forward = runner.before_forward
     if warmup:
         g.warmup()
     return g

@@ -112,7 +112,7 @@ class LLMEngine:
     # ---- requests ----
     def default_spec(self) -> SpecParams:
         return SpecParams(enabled=self.proposer is not None,
-                          block_size=max(2, min(self.config.num_spec_tokens_default, self.max_block)))
+                          block_size=max(2, min(self.config.spec_block_size, self.max_block)))
 
     def validate_request(self, request_id, prompt_token_ids, sampling: SamplingParams,
                          spec: SpecParams | None) -> tuple[list[int], SpecParams]:

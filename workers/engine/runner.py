@@ -1,13 +1,13 @@
 """Model runner: turns one scheduled step into tensors and runs the target and the drafter on them.
 
-``StepInputs`` is everything the target forward needs, as tensors (broadcast it to TP follower ranks and
-call ``run_target`` there). Inputs are built on the host with numpy in one go and moved with a single copy
-per tensor; the forward itself has no host syncs.
+``StepInputs`` is everything the target forward needs, as tensors (under tensor parallelism the model's
+own entry points broadcast their inputs to the follower ranks: workers/dist/tp.py ``drive``). Inputs are
+built on the host with numpy in one go and moved with a single copy per tensor; the forward itself has no
+host syncs. ``DraftInputs`` are the DFlash drafter's (workers/spec/dflash.py builds them).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -115,14 +115,10 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.capture_layers = list(drafter.config.target_layer_ids) if drafter is not None else []
-        # set by tensor parallelism on rank 0: called with the StepInputs before every target forward
-        self.before_forward: Callable[[StepInputs], None] | None = None
 
     @torch.inference_mode()
     def run_target(self, inp: StepInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> (logits [R, V] fp32 for inp.logits_index rows, features [N, n_feat*H] or None)."""
-        if self.before_forward is not None:
-            self.before_forward(inp)
         hidden, feats = self.model.forward_paged(
             inp.input_ids, inp.positions, self.pool.target, inp.attn,
             capture_layers=self.capture_layers if inp.capture else (),

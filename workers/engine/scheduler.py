@@ -12,7 +12,6 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
 
 from workers.engine.kv_cache import BlockManager
 from workers.engine.params import SamplingParams
@@ -43,10 +42,6 @@ class Sequence:
         return len(self.token_ids) - len(self.prompt_ids)
 
     @property
-    def output_ids(self) -> list[int]:
-        return self.token_ids[len(self.prompt_ids):]
-
-    @property
     def in_prefill(self) -> bool:
         return self.num_computed < self.num_prompt
 
@@ -62,7 +57,6 @@ class ScheduledSeq:
 @dataclass
 class SchedulerOutput:
     items: list[ScheduledSeq]
-    num_tokens: int
 
     @property
     def empty(self) -> bool:
@@ -139,7 +133,7 @@ class Scheduler:
             budget -= items[-1].num_query
         for it in items:
             self.blocks.ensure(it.seq.request_id, it.seq.num_computed + it.num_query)
-        return SchedulerOutput(items, sum(it.num_query for it in items))
+        return SchedulerOutput(items)
 
     @staticmethod
     def _prefill_item(seq: Sequence, budget: int) -> ScheduledSeq:
@@ -152,6 +146,3 @@ class Scheduler:
         seq.num_computed += num_new_computed
         self.blocks.truncate(seq.request_id, seq.num_computed)
         seq.token_ids.extend(new_tokens)
-
-    def stats(self) -> dict[str, Any]:
-        return {"num_running": len(self.running), "num_waiting": len(self.waiting)}
