@@ -62,6 +62,12 @@ class Metrics:
         self.node_lost = Gauge("specfleet_node_lost", "1 for a node whose replicas are gone", ["node"], registry=r)
         self.refused = Counter("specfleet_admission_refused", "Requests refused by fleet admission "
                                "(fleet_capacity: 429, no_replica: 503)", ["reason"], registry=r)
+        self.tool_calls = Counter("specfleet_tool_calls", "Tool calls returned to clients", registry=r)
+        self.constrained_turns = Counter("specfleet_constrained_turns", "Finished grammar-constrained turns "
+                                         "(structured outputs, tool calls) by grammar kind", ["kind"], registry=r)
+        self.constrained_accepted_length = Histogram(
+            "specfleet_constrained_accepted_length", "Tokens committed per target pass in grammar-constrained turns",
+            ["kind"], buckets=ACCEPT_BUCKETS, registry=r)
         self.ttft = Histogram("specfleet_time_to_first_token_seconds", "Time to the first token", ["endpoint"],
                               buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)
 

@@ -115,6 +115,9 @@ class MockEngine:
         if request_id in self._requests:
             raise InvalidRequest(f"request id {request_id!r} is already running")
         sampling.validate()
+        if sampling.structured is not None:  # its corpus text cannot follow a grammar: say so, never fake it
+            raise InvalidRequest("structured outputs (response_format json, tool calls) need a real engine; the mock "
+                                 "engine has no grammar-constrained decoding", param=sampling.structured.param)
         spec = spec or SpecParams(enabled=self.speculative, block_size=self.block_size)
         if spec.enabled:
             spec.validate(self.block_size)

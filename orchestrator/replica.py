@@ -166,7 +166,7 @@ class ReplicaCore:
             try:
                 first = await gen.__anext__()
             except InvalidRequest as exc:
-                yield _error(ErrorKind.INVALID, str(exc))
+                yield {**_error(ErrorKind.INVALID, str(exc)), "param": getattr(exc, "param", None)}
                 return
             except NoCapacity as exc:
                 yield _error(ErrorKind.NO_CAPACITY, str(exc))

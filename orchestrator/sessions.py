@@ -27,9 +27,12 @@ CREATE INDEX IF NOT EXISTS sessions_owner_team ON sessions(owner, team);
 CREATE TABLE IF NOT EXISTS turns (
     session_id TEXT NOT NULL, idx INTEGER NOT NULL, at REAL NOT NULL, replica TEXT, route TEXT,
     spec_enabled INTEGER, spec_block INTEGER, prompt_tokens INTEGER, completion_tokens INTEGER,
-    target_passes INTEGER, finish_reason TEXT, PRIMARY KEY (session_id, idx)
+    target_passes INTEGER, finish_reason TEXT, constrained TEXT, tool_calls INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (session_id, idx)
 );
 """
+# columns added after the first release: (table, column, declaration) for ALTER TABLE on an older file
+_ADDED_COLUMNS = [("turns", "constrained", "TEXT"), ("turns", "tool_calls", "INTEGER NOT NULL DEFAULT 0")]
 _EWMA = 0.3
 MAX_HISTORY = 100  # turns returned in a session's replica history
 
@@ -47,6 +50,10 @@ class SessionRegistry:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            for table, col, decl in _ADDED_COLUMNS:
+                have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+                if col not in have:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {col} {decl}")
 
     def close(self) -> None:
         with self._lock:
@@ -79,7 +86,18 @@ class SessionRegistry:
                 "SELECT replica, COUNT(*) AS turns, SUM(completion_tokens) AS tokens, SUM(target_passes) AS passes"
                 " FROM turns WHERE session_id=? GROUP BY replica ORDER BY replica", (sid,)
             ).fetchall() if history else []
+            tools = self._db.execute(  # tool calls; acceptance of constrained vs free turns (speculative ones)
+                "SELECT COALESCE(SUM(tool_calls), 0) AS calls, COUNT(constrained) AS constrained,"
+                " SUM(CASE WHEN constrained IS NOT NULL AND spec_enabled=1 THEN completion_tokens END) AS c_tok,"
+                " SUM(CASE WHEN constrained IS NOT NULL AND spec_enabled=1 THEN target_passes END) AS c_pass,"
+                " SUM(CASE WHEN constrained IS NULL AND spec_enabled=1 THEN completion_tokens END) AS f_tok,"
+                " SUM(CASE WHEN constrained IS NULL AND spec_enabled=1 THEN target_passes END) AS f_pass"
+                " FROM turns WHERE session_id=?", (sid,)
+            ).fetchone()
         out = _session_dict(row)
+        out["tool_calls"], out["constrained_turns"] = tools["calls"], tools["constrained"]
+        out["tau_constrained"] = tools["c_tok"] / tools["c_pass"] if tools["c_pass"] else None
+        out["tau_unconstrained"] = tools["f_tok"] / tools["f_pass"] if tools["f_pass"] else None
         if history:
             out["replica_history"] = [_turn_dict(t) for t in reversed(turns)]
             out["acceptance_by_replica"] = {
@@ -117,7 +135,9 @@ class SessionRegistry:
     def record_turn(
         self, sid: str, *, replica: str | None, route: str | None, spec: dict | None,
         prompt_tokens: int, completion_tokens: int, target_passes: int, finish_reason: str | None,
+        constrained: str | None = None, tool_calls: int = 0,
     ) -> None:
+        """constrained: the grammar kind of a structured-output / tool turn (None = free text)."""
         now = time.time()
         spec_on = None if spec is None else int(bool(spec.get("enabled")))
         block = None if spec is None else spec.get("block_size")
@@ -131,9 +151,11 @@ class SessionRegistry:
                 ewma = tau if ewma is None else (1 - _EWMA) * ewma + _EWMA * tau
             self._db.execute("BEGIN")
             self._db.execute(
-                "INSERT INTO turns VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO turns (session_id, idx, at, replica, route, spec_enabled, spec_block, prompt_tokens,"
+                " completion_tokens, target_passes, finish_reason, constrained, tool_calls)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (sid, row["turns"], now, replica, route, spec_on, block, prompt_tokens, completion_tokens,
-                 target_passes, finish_reason),
+                 target_passes, finish_reason, constrained, int(tool_calls)),
             )
             self._db.execute(
                 "UPDATE sessions SET turns=turns+1, prompt_tokens=prompt_tokens+?, completion_tokens="
@@ -193,5 +215,5 @@ def _turn_dict(t: sqlite3.Row) -> dict:
         "prompt_tokens": t["prompt_tokens"], "completion_tokens": t["completion_tokens"],
         "target_passes": t["target_passes"],
         "tau": (t["completion_tokens"] / t["target_passes"]) if t["target_passes"] else None,
-        "finish_reason": t["finish_reason"],
+        "finish_reason": t["finish_reason"], "constrained": t["constrained"], "tool_calls": t["tool_calls"],
     }

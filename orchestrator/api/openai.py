@@ -19,6 +19,7 @@ from orchestrator.api.deps import get_state, owner_of
 from orchestrator.api.errors import APIError
 from orchestrator.api.schemas import ChatCompletionRequest, CompletionRequest, _Sampling
 from orchestrator.api.state import ServerState
+from orchestrator.api.tools import ChatDeltas, ChatPlan, chat_message, invalid_output, output_problem, plan_chat
 from orchestrator.api.turns import Turn, TurnRequest
 from orchestrator.replica import ErrorKind
 
@@ -96,19 +97,15 @@ def _spec(body: _Sampling) -> dict | None:
     return {"enabled": body.spec.enabled, "block_size": body.spec.block_size}
 
 
-async def _chat_prompt(state: ServerState, body: ChatCompletionRequest) -> list[int]:
+async def _chat_prompt(state: ServerState, body: ChatCompletionRequest) -> tuple[list[int], ChatPlan]:
     if len(body.messages) > state.cfg.limits.max_messages:
         raise APIError(400, f"at most {state.cfg.limits.max_messages} messages are allowed", param="messages",
                        code="too_many_messages")
-    msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     tok = state.tokenizer
 
-    def encode() -> list[int]:
-        try:
-            text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        except Exception:  # no chat template: a plain transcript
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant: "
-        return list(tok.encode(text, add_special_tokens=False))
+    def encode() -> tuple[list[int], ChatPlan]:
+        plan = plan_chat(tok, body)  # tools, response_format, history checks; the template applied
+        return list(tok.encode(plan.prompt, add_special_tokens=False)), plan
 
     return await asyncio.to_thread(encode)
 
@@ -149,11 +146,16 @@ def _finish(reason: str | None) -> str:
 
 
 async def _serve(state: ServerState, owner: str, body: _Sampling, prompt: list[int], max_tokens: int | None,
-                 sid: str | None, role: str | None, team: str | None, endpoint: str, chat: bool):
+                 sid: str | None, role: str | None, team: str | None, endpoint: str, chat: bool,
+                 plan: ChatPlan | None = None):
     _check_model(state, body)
     session, tags = _session_and_tags(state, owner, sid, role, team)
     sampling = _sampling(state, body, max_tokens, len(prompt))
-    make = lambda: Turn(state, TurnRequest(owner, endpoint, prompt, sampling, _spec(body), session, tags))
+    if plan is not None and plan.constraint is not None:
+        sampling["structured"] = plan.constraint
+    extra = {} if plan is None else {"constrained": (plan.constraint or {}).get("kind"),
+                                     "tool_names": frozenset(plan.tool_names)}
+    make = lambda: Turn(state, TurnRequest(owner, endpoint, prompt, sampling, _spec(body), session, tags, **extra))
     created, rid = int(time.time()), ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     if not body.stream:
         for attempt in range(RETRIES_NON_STREAM + 1):
@@ -169,8 +171,11 @@ async def _serve(state: ServerState, owner: str, body: _Sampling, prompt: list[i
                 raise APIError(503, error, code="engine_error", type="server_error",
                                headers={"Retry-After": str(state.cfg.limits.retry_after_s), **_headers(turn)})
         text, fr = "".join(turn.result.text), _finish(turn.result.finish_reason)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": fr,
-                   "logprobs": None} if chat else {"index": 0, "text": text, "finish_reason": fr, "logprobs": None})
+        if chat:
+            message, fr, _ = chat_message(plan or ChatPlan(prompt=""), text, fr)
+            choice = {"index": 0, "message": message, "finish_reason": fr, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": fr, "logprobs": None}
         if not chat and getattr(body, "echo", False):
             choice["text"] = state.tokenizer.decode(prompt) + text
         out = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
@@ -182,10 +187,11 @@ async def _serve(state: ServerState, owner: str, body: _Sampling, prompt: list[i
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     obj = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(delta: str | None, finish: str | None, role: bool = False) -> str:
+    deltas = ChatDeltas(plan or ChatPlan(prompt="")) if chat else None
+
+    def chunk(delta: str | dict | None, finish: str | None) -> str:
         if chat:
-            d: dict[str, Any] = {"role": "assistant", "content": ""} if role else ({} if delta is None else
-                                                                                   {"content": delta})
+            d: dict[str, Any] = delta if isinstance(delta, dict) else ({} if delta is None else {"content": delta})
             ch = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
         else:
             ch = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
@@ -203,19 +209,30 @@ async def _serve(state: ServerState, owner: str, body: _Sampling, prompt: list[i
 
     async def _events():
         if chat:
-            yield chunk(None, None, role=True)
+            yield chunk(deltas.first_delta, None)
         elif getattr(body, "echo", False):
             yield chunk(state.tokenizer.decode(prompt), None)
         async for item in turn.items():
             if item["type"] == "delta":
                 if item.get("text"):
-                    yield chunk(item["text"], None)
+                    if chat:
+                        for d in deltas.feed(item["text"]):
+                            yield chunk(d, None)
+                    else:
+                        yield chunk(item["text"], None)
             elif item["type"] == "error":
-                err = {"error": {"message": item["message"], "type": "server_error", "param": None,
-                                 "code": "engine_error"}}
-                yield f"data: {json.dumps(err)}\n\n"
+                yield _error_event(item["message"], "engine_error")
                 return
-        yield chunk(None, _finish(turn.result.finish_reason))
+        fr = _finish(turn.result.finish_reason)
+        if chat:
+            for d in deltas.close():
+                yield chunk(d, None)
+            fr = deltas.finish_reason(fr)
+            problem = output_problem(deltas.plan, "".join(deltas.text), fr) if not deltas.tool_calls else None
+            if problem:
+                yield _error_event(invalid_output(problem).message, "structured_output_invalid")
+                return
+        yield chunk(None, fr)
         if include_usage:
             data = {"id": rid, "object": obj, "created": created, "model": body.model, "choices": [],
                     "usage": _usage(turn)}
@@ -226,15 +243,20 @@ async def _serve(state: ServerState, owner: str, body: _Sampling, prompt: list[i
                              headers={**_headers(turn), "cache-control": "no-cache"})
 
 
+def _error_event(message: str, code: str) -> str:
+    err = {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
+    return f"data: {json.dumps(err)}\n\n"
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, state: ServerState = Depends(get_state),
                            owner: str = Depends(owner_of), x_session_id: str | None = Header(None),
                            x_agent_role: str | None = Header(None), x_team_id: str | None = Header(None)):
     _check_model(state, body)
-    prompt = await _chat_prompt(state, body)
+    prompt, plan = await _chat_prompt(state, body)
     max_tokens = body.max_completion_tokens or body.max_tokens
     return await _serve(state, owner, body, prompt, max_tokens, x_session_id, x_agent_role, x_team_id,
-                        "chat", chat=True)
+                        "chat", chat=True, plan=plan)
 
 
 @router.post("/v1/completions")

@@ -1,13 +1,16 @@
 """Request bodies of the HTTP API (pydantic, extra="forbid": an unknown argument is a 400, as OpenAI does).
 
 Fields the OpenAI SDK may send but specfleet does not implement are accepted only at their neutral value
-(n=1, no logprobs, zero penalties, no tools) and rejected with a clear 400 otherwise.
+(n=1, no logprobs, zero penalties) and rejected with a clear 400 otherwise. Tools and response_format:
+orchestrator/api/tool_schemas.py.
 """
 from __future__ import annotations
 
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from orchestrator.api.tool_schemas import ResponseFormat, Tool, ToolCall, ToolChoice
 
 MAX_METADATA_KEYS = 32
 
@@ -36,7 +39,14 @@ class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = Field(None, max_length=256)
-    tool_call_id: str | None = None
+    tool_call_id: str | None = Field(None, max_length=256)
+    tool_calls: list[ToolCall] | None = None  # assistant messages (checked in orchestrator/api/chat_prompt.py)
+    # what the openai SDK sends back when a client appends a returned message to the history unchanged
+    refusal: str | None = None
+    annotations: list[Any] | None = None
+    parsed: Any = None  # the SDK's parse() result; not used
+    audio: None = None
+    function_call: None = None  # the deprecated single function call: use tool_calls
 
     def text(self) -> str:
         if self.content is None:
@@ -103,24 +113,10 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
-
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, v):
-        if v:
-            raise ValueError("tools are not supported")
-        return v
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, v):
-        if v and v.get("type") not in (None, "text"):
-            raise ValueError("only response_format {'type': 'text'} is supported")
-        return v
+    response_format: ResponseFormat | None = None
 
 
 class CompletionRequest(_Sampling):

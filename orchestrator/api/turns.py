@@ -16,6 +16,7 @@ from typing import Any, AsyncIterator
 
 from orchestrator.api.errors import APIError, too_many
 from orchestrator.api.state import ServerState
+from orchestrator.api.tool_parser import parse_tool_calls
 from orchestrator.replica import ErrorKind
 from orchestrator.routing.decisions import DISPATCHES, RouteDecision, route_hints
 from workers.engine.params import SpecParams
@@ -34,6 +35,8 @@ class TurnRequest:
     session: dict | None  # registry row (without history) or None
     tags: dict[str, str]
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    constrained: str | None = None  # grammar kind of a structured-output / tool turn
+    tool_names: frozenset[str] = frozenset()  # tools whose calls are parsed from the output (counted)
 
 
 @dataclass
@@ -46,6 +49,7 @@ class TurnResult:
     target_passes: int = 0
     finish_reason: str | None = None
     error: str | None = None
+    tool_calls: int = 0  # complete tool calls in the output (counted when the turn closes)
 
 
 class Turn:
@@ -143,7 +147,7 @@ class Turn:
                 await _cancel(gen)
                 kind, msg = first.get("kind"), first.get("message", "")
                 if kind == ErrorKind.INVALID:
-                    raise APIError(400, msg, code="invalid_request")
+                    raise APIError(400, msg, code="invalid_request", param=first.get("param"))
                 if kind == ErrorKind.NO_CAPACITY:
                     raise too_many(msg, lim.retry_after_s, code="no_capacity")
                 raise APIError(503, f"replica error: {msg}", code="engine_error",
@@ -186,6 +190,9 @@ class Turn:
                     res.target_passes += len(item.get("committed") or []) or (1 if n else 0)  # counted here, once
                     res.text.append(item.get("text") or "")
                     st.metrics.delta(res.replica or "?", n, item.get("committed") or [])
+                    if self.req.constrained:
+                        for a in item.get("committed") or []:
+                            st.metrics.constrained_accepted_length.labels(self.req.constrained).observe(a)
                     yield item
                 elif kind == "end":
                     res.finish_reason = item.get("finish_reason") or "stop"
@@ -215,6 +222,11 @@ class Turn:
             st.gate.release(self.req.owner)
             st.in_flight -= 1
             st.metrics.in_flight.set(st.in_flight)
+        if res.finish_reason and self.req.tool_names:
+            res.tool_calls = len(parse_tool_calls("".join(res.text), set(self.req.tool_names))[1])
+            st.metrics.tool_calls.inc(res.tool_calls)
+        if res.finish_reason and self.req.constrained:
+            st.metrics.constrained_turns.labels(self.req.constrained).inc()
         status = "ok" if res.finish_reason else ("error" if res.error else "aborted")
         st.metrics.latency.labels(self.req.endpoint).observe(time.monotonic() - self._t0)
         st.metrics.requests.labels(self.req.endpoint, status).inc()
@@ -227,7 +239,8 @@ class Turn:
                 st.registry.record_turn(
                     sid, replica=res.replica, route=res.route, spec=res.spec,
                     prompt_tokens=len(self.req.prompt_token_ids), completion_tokens=res.completion_tokens,
-                    target_passes=res.target_passes, finish_reason=res.finish_reason or ("error" if res.error else "abort"))
+                    target_passes=res.target_passes, finish_reason=res.finish_reason or ("error" if res.error else "abort"),
+                    constrained=self.req.constrained, tool_calls=res.tool_calls)
             except Exception:
                 log.exception("could not record a turn of session %s", sid)
 

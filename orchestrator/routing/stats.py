@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 TauTable = dict[str, tuple[float, int]]  # key -> (tau EWMA, number of speculative steps behind it)
+TAU_TABLES = ("tau_by_session", "tau_by_role", "tau_by_team", "tau_by_constraint", "tau_by_constrained_session")
 
 
 @dataclass
@@ -28,6 +29,9 @@ class RoutingStats:
     tau_by_session: TauTable = field(default_factory=dict)
     tau_by_role: TauTable = field(default_factory=dict)
     tau_by_team: TauTable = field(default_factory=dict)
+    # grammar-constrained turns (structured outputs, tool calls): per grammar kind, and per session
+    tau_by_constraint: TauTable = field(default_factory=dict)
+    tau_by_constrained_session: TauTable = field(default_factory=dict)
     tau_mean: float | None = None
     cached_sessions: list[str] = field(default_factory=list)  # sessions whose KV prefix is resident
     block_size_default: int = 16  # block at which tau_* were measured (the drafter's block)
@@ -61,7 +65,7 @@ class RoutingStats:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["step_ms_by_block"] = {str(k): float(v) for k, v in self.step_ms_by_block.items()}
-        for key in ("tau_by_session", "tau_by_role", "tau_by_team"):
+        for key in TAU_TABLES:
             d[key] = {str(k): [float(v[0]), int(v[1])] for k, v in getattr(self, key).items()}
         return d
 
@@ -75,7 +79,7 @@ class RoutingStats:
         kw["step_ms_by_block"] = {
             int(k): float(v) for k, v in (d.get("step_ms_by_block") or {}).items() if _finite(v)
         }
-        for key in ("tau_by_session", "tau_by_role", "tau_by_team"):
+        for key in TAU_TABLES:
             kw[key] = {
                 str(k): (float(v[0]), int(v[1]))
                 for k, v in (d.get(key) or {}).items()
@@ -100,10 +104,13 @@ class RoutingStats:
     ) -> RoutingStats:
         """Build from an engine's EngineStats and a ReplicaGroup's telemetry() dict."""
         tags = getattr(stats, "tau_by_tag", None) or {}
-        sessions = dict(tags.get("session", {}))
-        if len(sessions) > max_sessions:  # keep the best-measured ones; bounded message size
-            keep = sorted(sessions.items(), key=lambda kv: -kv[1][1])[:max_sessions]
-            sessions = dict(keep)
+        def bounded(table: dict) -> dict:  # keep the best-measured ones; bounded message size
+            table = dict(table)
+            if len(table) > max_sessions:
+                table = dict(sorted(table.items(), key=lambda kv: -kv[1][1])[:max_sessions])
+            return table
+
+        sessions = bounded(tags.get("session", {}))
         gpus = (telemetry or {}).get("gpus") or []
         vram_free = sum(int(g.get("free_bytes", 0)) for g in gpus) if gpus else None
         vram_total = sum(int(g.get("total_bytes", 0)) for g in gpus) if gpus else None
@@ -122,6 +129,9 @@ class RoutingStats:
             tau_by_session={str(k): (float(v[0]), int(v[1])) for k, v in sessions.items()},
             tau_by_role={str(k): (float(v[0]), int(v[1])) for k, v in tags.get("role", {}).items()},
             tau_by_team={str(k): (float(v[0]), int(v[1])) for k, v in tags.get("team", {}).items()},
+            tau_by_constraint={str(k): (float(v[0]), int(v[1])) for k, v in tags.get("constrained", {}).items()},
+            tau_by_constrained_session={str(k): (float(v[0]), int(v[1]))
+                                        for k, v in bounded(tags.get("constrained_session", {})).items()},
             tau_mean=stats.tau_mean,
             cached_sessions=list(cached_sessions or []),
             block_size_default=int(block_size_default),

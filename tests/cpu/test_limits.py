@@ -51,7 +51,7 @@ def _err(r, status, code=None, param=None):
     (chat(messages=[]), 400, "invalid_value", "messages"),
     (chat(messages=[{"role": "wizard", "content": "x"}]), 400, None, None),
     (chat(frobnicate=1), 400, "unknown_parameter", "frobnicate"),
-    (chat(tools=[{"type": "function"}]), 400, "invalid_value", "tools"),
+    (chat(tools=[{"type": "function"}]), 400, "missing_parameter", "tools.0.function"),
     ({"messages": [{"role": "user", "content": "x"}]}, 400, "missing_parameter", "model"),
 ])
 async def test_bad_chat_requests(app, body, status, code, param):

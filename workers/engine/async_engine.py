@@ -104,6 +104,8 @@ class AsyncLLMEngine:
         self._queues[request_id] = (loop, q)
         finished = False
         try:
+            if getattr(sampling, "structured", None) is not None:  # compile off the engine thread (cached)
+                await asyncio.to_thread(self._compile, sampling.structured)
             await self._submit("add", (request_id, prompt_token_ids, sampling, spec, tags), loop)
             while True:
                 out: RequestOutput = await q.get()
@@ -116,6 +118,13 @@ class AsyncLLMEngine:
             if not finished:  # consumer went away (disconnect / cancel) or validation failed
                 self._inbox.append(("abort", (request_id,), None))
                 self._wake.set()
+
+    def _compile(self, spec) -> None:
+        from workers.engine.params import StructuredSpec
+
+        if not isinstance(spec, StructuredSpec):
+            return  # validation on the engine thread reports it
+        self.engine.structured_for(spec).compiler.compile(spec)
 
     async def abort(self, request_id: str) -> None:
         await self._submit("abort", (request_id,), asyncio.get_running_loop())

@@ -9,6 +9,7 @@ The engine builds its parts and hands each its dependencies: nothing holds a ref
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,8 @@ class LLMEngine:
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._generators: dict[str, torch.Generator] = {}
         self._pending: list[RequestOutput] = []
+        self._structured = None  # workers/structured/decoding.py, built on the first constrained request
+        self._structured_lock = threading.Lock()
 
     @property
     def drafter(self):
@@ -99,7 +102,8 @@ class LLMEngine:
     def set_runner(self, runner: ModelRunner) -> None:
         """Run the model through ``runner`` from the next step on (same model, proposer network and KV pool)."""
         self.runner = runner
-        self.executor = StepExecutor(runner, self.blocks, self.proposer, self.generator_for, self.device)
+        self.executor = StepExecutor(runner, self.blocks, self.proposer, self.generator_for, self.device,
+                                     grammar=lambda: getattr(self, "_structured", None))
 
     def use_graphs(self, mode: str = "auto", fuse: bool = True, compile: bool = False, warmup: bool = False):
         """Switch to a GraphRunner (workers/engine/graph_runner.py) over the current runner's model and pool."""
@@ -152,16 +156,39 @@ class LLMEngine:
         """Validate and admit; raises InvalidRequest / NoCapacity before any work."""
         ids, spec = self.validate_request(request_id, prompt_token_ids, sampling, spec)
         block = spec.block_size if (spec.enabled and self.proposer is not None) else 1
-        seq = Sequence(request_id, ids, sampling, block, {str(k): str(v) for k, v in (tags or {}).items()})
+        tags = {str(k): str(v) for k, v in (tags or {}).items()}
+        if sampling.structured is not None:  # acceptance of constrained turns, per kind and per session
+            tags["constrained"] = sampling.structured.kind
+            if "session" in tags:
+                tags["constrained_session"] = tags["session"]
+        seq = Sequence(request_id, ids, sampling, block, tags)
         need = self.scheduler.worst_case_tokens(seq)
         if blocks_for(need, self.blocks.block_size) > self.blocks.num_blocks:
             raise InvalidRequest(f"request needs {need} KV tokens; the whole pool holds {self.blocks.total_tokens}")
         if not self.blocks.can_reserve(need):
             raise NoCapacity(f"KV pool full: request needs {need} tokens, {self.blocks.free_tokens} free")
+        if sampling.structured is not None:
+            self.structured_for(sampling.structured).add(request_id, sampling.structured)  # InvalidRequest
         self.scheduler.add(seq)
         self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, ids, tuple(sampling.stop))
         if sampling.seed is not None:
             self._generators[request_id] = torch.Generator(device=self.device).manual_seed(sampling.seed)
+
+    @property
+    def structured_decoder(self):
+        """The grammar decoder, or None while no constrained request has come (the step hook's input)."""
+        return self._structured
+
+    def structured_for(self, spec):
+        """The grammar decoder (built once: the tokenizer's vocabulary for xgrammar, ~0.2 s); InvalidRequest
+        without a tokenizer."""
+        with self._structured_lock:  # the async engine compiles from a worker thread too
+            if self._structured is None:
+                from workers.structured.decoding import build_decoder, require
+
+                self._structured = require(build_decoder(self.tokenizer, self.model_config.vocab_size,
+                                                         self.eos_token_ids), spec)
+        return self._structured
 
     def generator_for(self, request_id: str) -> torch.Generator:
         return self._generators.get(request_id, self.generator)
@@ -178,6 +205,8 @@ class LLMEngine:
     def _finish(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
         self._generators.pop(seq.request_id, None)
+        if self._structured is not None:
+            self._structured.remove(seq.request_id)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._pending)

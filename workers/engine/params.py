@@ -14,7 +14,11 @@ class EngineError(Exception):
 
 
 class InvalidRequest(EngineError):
-    """The request can never be served as given (maps to HTTP 400)."""
+    """The request can never be served as given (maps to HTTP 400; ``param`` names the request field)."""
+
+    def __init__(self, message: str = "", param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class NoCapacity(EngineError):
@@ -23,6 +27,23 @@ class NoCapacity(EngineError):
 
 class IncompatibleDrafter(EngineError):
     """A drafter whose hidden size / layer ids / vocabulary do not fit the target."""
+
+
+STRUCTURED_KINDS = ("json_object", "json_schema", "structural_tag", "regex", "ebnf")
+
+
+@dataclass
+class StructuredSpec:
+    """A grammar the output must follow (workers/structured/compiler.py): kind + source text."""
+
+    kind: str
+    spec: str = ""
+    param: str | None = None  # the request field it came from, named in errors
+
+    def validate(self) -> None:
+        if self.kind not in STRUCTURED_KINDS:
+            raise InvalidRequest(f"structured kind must be one of {', '.join(STRUCTURED_KINDS)}, got {self.kind!r}",
+                                 param=self.param)
 
 
 @dataclass
@@ -34,6 +55,11 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False
+    structured: StructuredSpec | None = None  # grammar-constrained output (a dict is converted)
+
+    def __post_init__(self):
+        if isinstance(self.structured, dict):
+            self.structured = StructuredSpec(**self.structured)
 
     @property
     def greedy(self) -> bool:
@@ -52,6 +78,13 @@ class SamplingParams:
             raise InvalidRequest(f"max_tokens must be >= 1, got {self.max_tokens}")
         if any((not isinstance(s, str)) or s == "" for s in self.stop):
             raise InvalidRequest("stop strings must be non-empty strings")
+        if self.structured is not None:
+            if not isinstance(self.structured, StructuredSpec):
+                raise InvalidRequest("structured must be a StructuredSpec")
+            self.structured.validate()
+            if self.ignore_eos:
+                raise InvalidRequest("ignore_eos cannot be combined with a structured-output grammar",
+                                     param="ignore_eos")
 
 
 @dataclass

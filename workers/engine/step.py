@@ -8,6 +8,9 @@
      each row belongs to;
   3. sample the AR / last-prefill rows, verify the drafted blocks (workers/spec/verifier.py, one call);
   4. commit: the proposer records the tokens that entered the KV cache.
+Grammar-constrained sequences (workers/structured/step.py): the proposer draws their drafts through the
+grammar (``ProposeRequest.guide``), their target rows get the grammar's token masks right after the forward,
+and their grammar states follow the committed tokens (rolled back with the batch when it fails).
 Returns a ``SeqResult`` per request, or the exception that failed that request: a failure in the batched
 work is isolated by re-running the sequences one by one, so one bad request fails alone.
 """
@@ -24,6 +27,7 @@ from workers.engine.sampling import sample
 from workers.engine.scheduler import ScheduledSeq
 from workers.spec.proposer import CommitBatch, Draft, Proposer, ProposeRequest
 from workers.spec.verifier import BlockToVerify, TargetRows, Verdict, verify_blocks
+from workers.structured.step import GrammarStep
 
 
 @dataclass
@@ -38,9 +42,12 @@ class SeqResult:
 
 class StepExecutor:
     def __init__(self, runner: ModelRunner, blocks: BlockManager, proposer: Proposer | None,
-                 generator_for: Callable[[str], torch.Generator], device: torch.device):
+                 generator_for: Callable[[str], torch.Generator], device: torch.device,
+                 grammar: Callable[[], object | None] = lambda: None):
         self.runner, self.blocks, self.proposer = runner, blocks, proposer
         self.generator_for, self.device = generator_for, device
+        self.grammar = grammar  # -> the engine's StructuredDecoder, or None while no request is constrained
+        self._g: GrammarStep | None = None
 
     def run(self, items: list[ScheduledSeq]) -> dict[str, SeqResult | BaseException]:
         try:
@@ -57,18 +64,38 @@ class StepExecutor:
     def _propose(self, spec: list[ScheduledSeq]) -> dict[str, Draft]:
         if not spec:
             return {}
+        g = self._g
         reqs = [ProposeRequest(it.seq.request_id, it.seq.token_ids, it.seq.num_computed, it.num_query - 1,
                                self.blocks.table(it.seq.request_id), it.seq.sampling,
-                               self.generator_for(it.seq.request_id)) for it in spec]
+                               self.generator_for(it.seq.request_id),
+                               guide=g if g is not None and g.constrained(it.seq.request_id) else None)
+                for it in spec]
         drafts = self.proposer.propose(reqs, self.runner)
         for r, d in zip(reqs, drafts):
             if len(d.tokens) != r.num_drafts:
                 raise RuntimeError(f"proposer returned {len(d.tokens)} drafts for {r.request_id}, "
                                    f"{r.num_drafts} were asked for")
-        return {r.request_id: d for r, d in zip(reqs, drafts)}
+        out = {r.request_id: d for r, d in zip(reqs, drafts)}
+        if g is not None:
+            g.walk_unguided(out)  # drafts the proposer did not draw through the grammar: checked against it
+        return out
 
     # ---- one batch ----
     def _run(self, items: list[ScheduledSeq]) -> dict[str, SeqResult | BaseException]:
+        self._g = GrammarStep.start(self.grammar(), items, self.generator_for)
+        try:
+            results = self._run_batch(items)
+            if self._g is not None:  # last, so a failure above retries from the committed grammar states
+                self._g.commit_all(results)
+            return results
+        except BaseException:
+            if self._g is not None:
+                self._g.rollback()
+            raise
+        finally:
+            self._g = None
+
+    def _run_batch(self, items: list[ScheduledSeq]) -> dict[str, SeqResult | BaseException]:
         drafts = self._propose([it for it in items if it.kind == "spec"])
         slices: list[SeqSlice] = []
         for it in items:
@@ -89,6 +116,8 @@ class StepExecutor:
         for it, sl in zip(items, slices):
             starts.append(len(rows))
             rows.extend((it, k) for k in sl.logits_rows)
+        if self._g is not None:  # the grammar's token masks on the constrained rows
+            self._g.mask_target(items, starts, [len(sl.logits_rows) for sl in slices], logits)
         target = TargetRows.build(logits, [it.seq.sampling for it, _ in rows])
         results: dict[str, SeqResult | BaseException] = {}
         spec_items = [(it, r0) for it, r0 in zip(items, starts) if it.kind == "spec"]

@@ -5,7 +5,8 @@ The drafter network (workers/models/dflash.py) is run by the model runner (``pro
 engine (its context K/V layers in the KV pool, the target layers it conditions on), how a block is fed
 ([anchor, MASK x (block-1)] at the sequence's next positions, over its cached context), how drafts are drawn
 from its logits (argmax for greedy requests; sampled from the processed distribution q otherwise, q kept for
-the verifier), and what it records on commit (the committed tokens' target features -> its context K/V).
+the verifier; through the grammar for constrained requests, ``ProposeRequest.guide``), and what it records
+on commit (the committed tokens' target features -> its context K/V).
 """
 from __future__ import annotations
 
@@ -36,11 +37,21 @@ class DFlashProposer:
             mask_token_id=self.mask_token_id, block_size=self.kv_block_size, device=self.device,
         )
         logits = runner.propose_logits(d)  # [B, Q-1, V]
+        guided: dict[int, Draft] = {}
+        by_guide: dict[int, list[int]] = {}
+        for i, r in enumerate(batch):
+            if r.guide is not None:
+                by_guide.setdefault(id(r.guide), []).append(i)
+        for idx in by_guide.values():  # grammar-constrained requests: drafted through their grammar
+            drawn = batch[idx[0]].guide.draw([batch[i] for i in idx], [logits[i, : batch[i].num_drafts] for i in idx])
+            guided.update(zip(idx, drawn))
         greedy = logits.argmax(-1).tolist()
         out: list[Draft] = []
         for i, r in enumerate(batch):
             n = r.num_drafts
-            if r.sampling.greedy:
+            if i in guided:
+                out.append(guided[i])
+            elif r.sampling.greedy:
                 out.append(Draft(greedy[i][:n], None))
             else:
                 q = processed_probs(logits[i, :n], RowParams.build([r.sampling], self.device).repeat(n))  # [n, V]

@@ -10,6 +10,12 @@ every proposer, so any proposer is lossless: a bad one only costs speed.
 Adding a proposer is one file and one registration: write a class with this surface and a factory
 ``(ProposerContext) -> Proposer | None`` (None = this engine runs without speculation), then
 ``register_proposer("name", factory)`` (or a line in ``BUILTIN``); ``EngineConfig(proposer="name")`` picks it.
+
+Grammar-constrained requests carry a ``guide`` (workers/structured/step.py). A proposer that drafts from
+logits hands the guided requests' logits rows to ``guide.draw`` (one call for all of them) instead of picking
+the tokens itself: the guide masks each position by the grammar state after the previous drafts, so every
+draft is grammar-valid. A proposer that ignores the guide still works: its drafts are checked against the
+grammar afterwards and the first one the grammar forbids ends the accepted prefix.
 """
 from __future__ import annotations
 
@@ -47,6 +53,15 @@ class ProposeRequest:
     block_table: list[int]  # KV block ids of the sequence (shared by the target and the proposer)
     sampling: SamplingParams
     generator: torch.Generator  # the request's own when it has a seed
+    guide: DraftGuide | None = None  # set for grammar-constrained requests
+
+
+class DraftGuide(Protocol):
+    def draw(self, requests: list[ProposeRequest], logits: list[torch.Tensor]) -> list[Draft]:
+        """Drafts of guided requests from their drafter logits (logits[i]: [requests[i].num_drafts, V] fp32,
+        masked in place), drawn position by position through the grammar (argmax, or sampled from the
+        processed masked distribution, which then is ``Draft.probs``)."""
+        ...
 
 
 @dataclass

@@ -1,0 +1,114 @@
+"""The grammar's part of one engine step: the narrow hook workers/engine/step.py calls.
+
+    g = GrammarStep.start(decoder, items, generator_for)  # None if no constrained sequence runs this step;
+                                                          # starts the AR rows' masks in a worker thread
+    ProposeRequest(..., guide=g)                           # the proposer drafts through g.draw (DraftGuide)
+    g.walk_unguided(drafts)                                # drafts not drawn through the grammar: checked
+    g.mask_target(items, starts, n_rows, logits)           # -inf on the forbidden logits of their target rows
+    g.commit_all(results)                                  # grammar states follow the committed tokens
+    g.rollback()                                           # the step failed before committing: undo the walks
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from workers.engine.sampling import RowParams, processed_probs, sample
+from workers.spec.proposer import Draft
+from workers.structured.decoding import DraftWalk, StructuredDecoder
+
+
+class GrammarStep:
+    def __init__(self, decoder: StructuredDecoder, items: list[Any], generator_for):
+        self.d = decoder
+        self.ids = {it.seq.request_id for it in items if decoder.has(it.seq.request_id)}
+        self.generator_for = generator_for
+        self.ar = [it.seq.request_id for it in items if it.seq.request_id in self.ids
+                   and (it.kind == "ar" or (it.kind == "prefill" and it.sample))]
+        self.future = decoder.prefetch(self.ar)  # next-token masks, computed while the forwards run
+        self.walks: dict[str, DraftWalk] = {}
+
+    @classmethod
+    def start(cls, decoder: StructuredDecoder | None, items: list[Any], generator_for) -> "GrammarStep | None":
+        if decoder is None or not any(decoder.has(it.seq.request_id) for it in items):
+            return None
+        return cls(decoder, items, generator_for)
+
+    def constrained(self, request_id: str) -> bool:
+        return request_id in self.ids
+
+    # ---- drafting (workers.spec.proposer.DraftGuide) ----
+    def draw(self, requests: list[Any], logits: list[torch.Tensor]) -> list[Draft]:
+        samplings = [r.sampling for r in requests]
+        q_rows: dict[int, list[torch.Tensor]] = {}
+
+        def choose(which: list[int], sub: torch.Tensor) -> list[int]:
+            toks = sub.argmax(-1).tolist()  # [k]: greedy rows keep these
+            stoch = [j for j, i in enumerate(which) if not samplings[i].greedy]
+            if stoch:
+                q = processed_probs(sub[stoch], RowParams.build([samplings[which[j]] for j in stoch], sub.device))
+                for r, j in enumerate(stoch):
+                    i = which[j]
+                    toks[j] = int(sample(q[r: r + 1], [requests[i].generator])[0])
+                    q_rows.setdefault(i, []).append(q[r])
+            return toks
+
+        walks = self.d.draft([r.request_id for r in requests], logits, choose)
+        out = []
+        for i, (r, walk) in enumerate(zip(requests, walks)):
+            self.walks[r.request_id] = walk
+            out.append(Draft(walk.drafts, torch.stack(q_rows[i]) if i in q_rows else None))  # probs [n, V]
+        return out
+
+    def walk_unguided(self, drafts: dict[str, Draft]) -> None:
+        for rid, d in drafts.items():
+            if rid in self.ids and rid not in self.walks:
+                self.walks[rid] = self.d.walk(rid, d.tokens)
+
+    # ---- target rows ----
+    def mask_target(self, items: list[Any], starts: list[int], n_rows: list[int], logits: torch.Tensor) -> None:
+        """items[i] owns logits rows starts[i] .. starts[i]+n_rows[i]-1 of logits [R, V] (masked in place)."""
+        ar_masks = self.future.result() if self.future is not None else None
+        ar_pos = {rid: j for j, rid in enumerate(self.ar)}
+        rows: list[int] = []
+        masks: list[torch.Tensor] = []
+        for it, r0, n in zip(items, starts, n_rows):
+            rid = it.seq.request_id
+            if rid not in self.ids or n == 0:
+                continue
+            if rid in self.walks:
+                rows.extend(range(r0, r0 + n))
+                masks.extend(self.walks[rid].masks[:n])
+            elif rid in ar_pos:
+                rows.append(r0)
+                masks.append(ar_masks[ar_pos[rid]])
+        self.d.mask_target(logits, rows, masks)
+
+    # ---- commit ----
+    def commit_all(self, results: dict[str, Any]) -> None:
+        """results: request id -> SeqResult (its .tokens were committed) or the exception that failed it."""
+        for rid, res in list(results.items()):
+            if rid not in self.ids:
+                continue
+            if isinstance(res, BaseException):
+                self._undo(rid)
+                continue
+            try:
+                if res.tokens:
+                    self.d.commit(rid, res.tokens, self.walks.pop(rid, None))
+                else:
+                    self._undo(rid)
+            except Exception as exc:  # the grammar refused a committed token: this request fails alone
+                results[rid] = exc
+
+    def _undo(self, rid: str) -> None:
+        walk = self.walks.pop(rid, None)
+        if walk is not None and walk.advanced and self.d.has(rid):
+            self.d.matchers[rid].rollback(walk.advanced)
+
+    def rollback(self) -> None:
+        for rid in list(self.walks):
+            self._undo(rid)
+        if self.future is not None:
+            self.future.cancel()
