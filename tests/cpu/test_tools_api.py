@@ -165,7 +165,8 @@ async def test_a_tool_loop_through_a_session(app):
     messages = list(USER)
     for stream in (False, True):
         kw = dict(model=MODEL, messages=messages, tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
-                  max_tokens=120, extra_headers=headers)
+                  max_tokens=120, extra_headers=headers,
+                  extra_body={"spec": {"enabled": True}})  # the random drafter would get speculation turned off
         if stream:
             msg = (await _streamed(c, **kw)).choices[0].message
         else:
