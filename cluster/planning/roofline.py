@@ -8,7 +8,7 @@ touches E * (1 - (1 - k/E)^n) distinct experts for n tokens), and the KV cache o
 flops per rank: 2 * tokens * active params / tp plus attention (4 * tokens * context * q_dim per layer).
 comm (tp > 1): two ring all-reduces of the residual stream per layer (after attention and after the
 MLP), one all-gather of the vocab-parallel logits and the broadcast of the rows whose logits rank 0
-needs (workers/dist/tp.py); a collective costs alpha + its ring volume / NVLink one-way bandwidth.
+needs (workers/parallel/tp.py); a collective costs alpha + its ring volume / NVLink one-way bandwidth.
 A speculative step = the drafter's forward (its layers on rank 0, the borrowed vocab-parallel
 embedding / lm_head on every rank) + a verify step over batch x block tokens; it commits tau tokens
 per sequence.
@@ -100,7 +100,7 @@ def drafter_step(drafter: DrafterSpec, model: ModelSpec, node: NodeProfile, tp: 
                  context: int) -> StepTime:
     """The drafter's one pass for a block. Its layers run on rank 0 only (unsharded); the target's
     embedding and lm_head it borrows are vocab-parallel, so every rank joins those two calls
-    (workers/dist/tp.py mirrors them): embed all-reduce, hidden broadcast, logits all-gather."""
+    (workers/parallel/tp.py mirrors them): embed all-reduce, hidden broadcast, logits all-gather."""
     n = batch * block
     head = model.lm_head_params * model.weight_bytes / tp
     weights = drafter.weight_total_bytes + head

@@ -1,7 +1,7 @@
 """One tensor-parallel rank of a replica, run as a Ray actor pinned to one placement-group bundle.
 
 Rank 0 loads its shard, the drafter (from EngineConfig.drafter, co-located on its GPU) and runs the
-engine (AsyncLLMEngine); its model broadcasts every collective call (workers/dist/tp.py `drive`). Followers
+engine (AsyncLLMEngine); its model broadcasts every collective call (workers/parallel/tp.py `drive`). Followers
 load their shards and run `follow` in a background thread. With tp == 1 the single rank simply runs the
 engine (a "TP=1 replica in a Ray actor").
 
@@ -91,7 +91,7 @@ class RankWorker:
         loaded = load_model(engine_cfg.model, resolve_dtype(engine_cfg.dtype, dev), host)
         model = loaded.model
         if self.world > 1:
-            from workers.dist.tp import TPContext, shard_causal_lm
+            from workers.parallel.tp import TPContext, shard_causal_lm
 
             ctx = TPContext(self.rank, self.world, device)
             self.progress.update(stage="sharding", done=0, total=len(model.model.layers))
@@ -102,15 +102,15 @@ class RankWorker:
             from workers.engine.llm_engine import LLMEngine
 
             if self.world > 1:
-                from workers.dist.tp import drive
+                from workers.parallel.tp import drive
 
                 self.driver = drive(model, model.tp)
             self.progress.update(stage="engine")
             cfg = _with_device(engine_cfg, str(device))
             self.engine = AsyncLLMEngine(LLMEngine(cfg, model=model, tokenizer=loaded.tokenizer))
         else:
-            from workers.dist.tp import follow
             from workers.models.packed import can_pack, pack_for_cpu
+            from workers.parallel.tp import follow
 
             if engine_cfg.cpu_packed_weights and can_pack(next(model.parameters()).dtype, device):
                 pack_for_cpu(model)  # rank 0's LLMEngine packs its shard the same way

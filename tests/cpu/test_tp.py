@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.helpers.tiny import make_tiny_hf_dir
-from workers.dist.tp import check_tp, kv_heads_of
+from workers.parallel.tp import check_tp, kv_heads_of
 
 VARIANTS = {
     "qwen3-tied-kv1": ("qwen3", dict(num_key_value_heads=1)),
@@ -39,8 +39,8 @@ def _reference(path):
 def _rank(rank, world, paths, port, q):
     import torch.distributed as dist
 
-    from workers.dist.tp import TPContext, drive, follow, shard_causal_lm
     from workers.models.loader import load_model
+    from workers.parallel.tp import TPContext, drive, follow, shard_causal_lm
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)

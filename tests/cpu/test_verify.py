@@ -12,7 +12,7 @@ from scipy.stats import chi2
 
 from workers.engine.params import SamplingParams
 from workers.engine.sampling import RowParams, processed_probs
-from workers.spec.verifier import BlockToVerify, TargetRows, verify_blocks, verify_greedy, verify_stochastic
+from workers.speculative.verifier import BlockToVerify, TargetRows, verify_blocks, verify_greedy, verify_stochastic
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

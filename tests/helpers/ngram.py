@@ -7,7 +7,7 @@ so greedy and sampled decoding stay exact (tests/cpu/test_spec.py, tests/cpu/tes
 """
 from __future__ import annotations
 
-from workers.spec.proposer import CommitBatch, Draft, ProposeRequest, ProposerContext, register_proposer
+from workers.speculative.proposer import CommitBatch, Draft, ProposeRequest, ProposerContext, register_proposer
 
 
 class NgramProposer:

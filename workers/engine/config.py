@@ -8,7 +8,7 @@ from dataclasses import dataclass
 class EngineConfig:
     model: str  # HF model dir (config.json + *.safetensors [+ index]) or a .gguf file
     drafter: str | None = None  # the proposer's checkpoint (DFlash: a z-lab format dir); None = AR only for DFlash
-    proposer: str = "dflash"  # which Proposer drafts (workers/spec/proposer.py registry)
+    proposer: str = "dflash"  # which Proposer drafts (workers/speculative/proposer.py registry)
     dtype: str = "auto"  # auto: bfloat16 on CUDA and on CPUs with AMX / AVX512-BF16, else float32
     device: str = "auto"  # "cpu" | "cuda" | "cuda:N"
     max_num_seqs: int = 16

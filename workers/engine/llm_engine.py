@@ -27,7 +27,7 @@ from workers.engine.stats import StatsTracker
 from workers.engine.step import SeqResult, StepExecutor
 from workers.models.loader import load_model, resolve_device, resolve_dtype
 from workers.models.packed import can_pack, pack_for_cpu
-from workers.spec.proposer import Proposer, ProposerContext, build_proposer
+from workers.speculative.proposer import Proposer, ProposerContext, build_proposer
 
 
 def _eos_ids(model_cfg, tokenizer, model_path: str) -> list[int]:

@@ -1,9 +1,9 @@
 """Model runner: turns one scheduled step into tensors and runs the target and the drafter on them.
 
 ``StepInputs`` is everything the target forward needs, as tensors (under tensor parallelism the model's
-own entry points broadcast their inputs to the follower ranks: workers/dist/tp.py ``drive``). Inputs are
+own entry points broadcast their inputs to the follower ranks: workers/parallel/tp.py ``drive``). Inputs are
 built on the host with numpy in one go and moved with a single copy per tensor; the forward itself has no
-host syncs. ``DraftInputs`` are the DFlash drafter's (workers/spec/dflash.py builds them).
+host syncs. ``DraftInputs`` are the DFlash drafter's (workers/speculative/dflash.py builds them).
 """
 from __future__ import annotations
 

@@ -1,12 +1,12 @@
 """One scheduled step, in four stages: propose -> target forward -> sample / verify -> proposer commit.
 
-  1. propose: the proposer drafts a block for every speculative sequence (workers/spec/proposer.py);
+  1. propose: the proposer drafts a block for every speculative sequence (workers/speculative/proposer.py);
   2. target forward: one pass over the flat batch (prefill chunks, AR tokens, anchor + drafts) -> logits
      [R, V] for the rows whose next token is needed. Per-request logits processing (a grammar's token
      bitmask per row, say) belongs right after this forward, before ``TargetRows.build``: every row that is
      sampled or verified is built from those logits, and ``rows`` says which request and block position
      each row belongs to;
-  3. sample the AR / last-prefill rows, verify the drafted blocks (workers/spec/verifier.py, one call);
+  3. sample the AR / last-prefill rows, verify the drafted blocks (workers/speculative/verifier.py, one call);
   4. commit: the proposer records the tokens that entered the KV cache.
 Grammar-constrained sequences (workers/structured/step.py): the proposer draws their drafts through the
 grammar (``ProposeRequest.guide``), their target rows get the grammar's token masks right after the forward,
@@ -25,8 +25,8 @@ from workers.engine.kv_cache import BlockManager
 from workers.engine.runner import ModelRunner, SeqSlice, build_step_inputs
 from workers.engine.sampling import sample
 from workers.engine.scheduler import ScheduledSeq
-from workers.spec.proposer import CommitBatch, Draft, Proposer, ProposeRequest
-from workers.spec.verifier import BlockToVerify, TargetRows, Verdict, verify_blocks
+from workers.speculative.proposer import CommitBatch, Draft, Proposer, ProposeRequest
+from workers.speculative.verifier import BlockToVerify, TargetRows, Verdict, verify_blocks
 from workers.structured.step import GrammarStep
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from workers.engine.sampling import RowParams, processed_probs, sample
-from workers.spec.proposer import Draft
+from workers.speculative.proposer import Draft
 from workers.structured.decoding import DraftWalk, StructuredDecoder
 
 
@@ -38,7 +38,7 @@ class GrammarStep:
     def constrained(self, request_id: str) -> bool:
         return request_id in self.ids
 
-    # ---- drafting (workers.spec.proposer.DraftGuide) ----
+    # ---- drafting (workers.speculative.proposer.DraftGuide) ----
     def draw(self, requests: list[Any], logits: list[torch.Tensor]) -> list[Draft]:
         samplings = [r.sampling for r in requests]
         q_rows: dict[int, list[torch.Tensor]] = {}

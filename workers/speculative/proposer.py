@@ -4,7 +4,7 @@ A proposer declares what the engine must provide before the first step (``kv_lay
 own in the KV pool, sharing the target's block tables; ``capture_layers``: target layers whose outputs the
 target forward hands it; ``network``: a network the model runner runs for it, eager or as CUDA graphs) and
 does two things per step: ``propose`` a block of drafts for every speculative sequence, and ``commit`` what
-it keeps about the tokens the verifier committed. Verification (workers/spec/verifier.py) is the same for
+it keeps about the tokens the verifier committed. Verification (workers/speculative/verifier.py) is the same for
 every proposer, so any proposer is lossless: a bad one only costs speed.
 
 Adding a proposer is one file and one registration: write a class with this surface and a factory
@@ -97,7 +97,7 @@ class Proposer(Protocol):
 
 ProposerFactory = Callable[[ProposerContext], "Proposer | None"]
 
-BUILTIN: dict[str, str] = {"dflash": "workers.spec.dflash:build"}  # name -> "module:factory", imported on use
+BUILTIN: dict[str, str] = {"dflash": "workers.speculative.dflash:build"}  # name -> "module:factory", imported on use
 _REGISTERED: dict[str, ProposerFactory] = {}
 
 

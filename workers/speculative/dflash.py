@@ -14,7 +14,7 @@ import torch
 
 from workers.engine.runner import ModelRunner, build_draft_inputs
 from workers.engine.sampling import RowParams, processed_probs, sample
-from workers.spec.proposer import CommitBatch, Draft, ProposeRequest, ProposerContext
+from workers.speculative.proposer import CommitBatch, Draft, ProposeRequest, ProposerContext
 
 
 class DFlashProposer:
