@@ -92,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     # training shapes on real answers (one wave of 32 answers, 256 tokens at most)
     from workers.engine.params import SamplingParams
 
+    if a.train_steps <= 0:
+        print(json.dumps(out, indent=1))
+        if a.json:
+            Path(a.json).write_text(json.dumps(out, indent=1))
+        return 0
+
     for i, p in enumerate(prompts[:32]):
         engine.add_request(f"s{i}", p, SamplingParams(max_tokens=a.max_tokens))
     got: dict[str, list[int]] = {}

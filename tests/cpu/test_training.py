@@ -299,7 +299,7 @@ def test_training_exports_resumes_and_refuses_mismatches(tiny_corpus, tmp_path):
 
     target, corpus = tiny_corpus
     s1 = run_training(_rc(target, corpus, tmp_path, steps=6))
-    assert s1["step"] == 6 and [h["step"] for h in s1["history"]] == [3, 6]
+    assert s1["step"] == 6 and [h["step"] for h in s1["history"]] == [0, 3, 6]
     tcfg = ModelConfig.from_hf(json.loads((target / "config.json").read_text()))
     d = load_drafter(tmp_path / "drafter", tcfg)
     assert d.config.block_size == 4 and d.config.mask_token_id == 3
@@ -308,7 +308,7 @@ def test_training_exports_resumes_and_refuses_mismatches(tiny_corpus, tmp_path):
     assert json.loads((tmp_path / "drafter" / "training.json").read_text())["step"] == 6
     # resume: continues at step 6 with the sampler where it stopped
     s2 = run_training(_rc(target, corpus, tmp_path, steps=9))
-    assert s2["step"] == 9 and [h["step"] for h in s2["history"]] == [3, 6, 9]
+    assert s2["step"] == 9 and [h["step"] for h in s2["history"]] == [0, 3, 6, 9]
     log = [json.loads(line) for line in (tmp_path / "work" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "step" in r and "loss" in r and "eval" not in r] == list(range(1, 10))
     # a checkpoint for another drafter shape / another target is refused, naming the mismatch
@@ -378,3 +378,34 @@ def test_commands_make_corpus_and_train_drafter(tmp_path):
                  "--mask-token-id", "3", "--eval-per-category", "1"]) == 0
     assert (tmp_path / "d" / "model.safetensors").is_file()
     assert main(["train-drafter", "--target", str(target), "--corpus", str(tmp_path), "--out", str(tmp_path / "e")]) == 1
+
+
+@pytest.mark.slow  # two subprocesses importing torch: ~20 s on a quiet 2-core box
+def test_killed_training_resumes_where_it_stopped(tiny_corpus, tmp_path):
+    """SIGTERM mid-run: the checkpoint holds every finished step; the rerun continues from it."""
+    import os
+    import signal
+    import time
+
+    target, corpus = tiny_corpus
+    work = tmp_path / "work"
+    cmd = [sys.executable, "-m", "orchestrator.cli", "train-drafter", "--target", str(target), "--corpus",
+           str(corpus), "--out", str(tmp_path / "d"), "--work-dir", str(work), "--minutes", "10", "--layers", "1",
+           "--block-size", "4", "--num-features", "2", "--seqs-per-step", "2", "--anchors-per-seq", "4",
+           "--mask-token-id", "3", "--eval-per-category", "1", "--threads", "1"]
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    log = work / "train_log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and log.read_text().count('"grad_norm"') >= 5):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()[-2000:]
+    ck = torch.load(work / "checkpoint.pt", weights_only=False)
+    done = ck["state"]["step"]
+    assert done >= 5
+    res = subprocess.run(cmd + ["--max-steps", str(done + 2)], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"resuming {work / 'checkpoint.pt'} at step {done}" in res.stderr
+    assert json.loads(res.stdout.strip().splitlines()[-1])["step"] == done + 2

@@ -12,6 +12,7 @@ elapsed, sampler state, history) is written atomically. A rerun resumes from it.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -200,6 +201,9 @@ def train(drafter, target, train_samples: list[Sample], eval_samples: list[Sampl
         return ev
 
     try:
+        if eval_samples and state.step == 0 and not state.history:  # the curve starts at minute 0
+            last_tau = evaluate()["tau"]
+            t_run = time.time()
         while True:
             done = state.elapsed_s >= budget_s or (cfg.max_steps is not None and state.step >= cfg.max_steps)
             if done:
@@ -219,7 +223,7 @@ def train(drafter, target, train_samples: list[Sample], eval_samples: list[Sampl
             gnorm = torch.nn.utils.clip_grad_norm_(drafter.parameters(), cfg.grad_clip)
             opt.step()
             state.step += 1
-            state.sampler = sampler.state
+            state.sampler = copy.deepcopy(sampler.state)  # a kill mid-step resumes with this step's draw
             state.elapsed_s = elapsed0 + time.time() - t_run
             lv = loss.item()
             ema = lv if ema is None else 0.98 * ema + 0.02 * lv
