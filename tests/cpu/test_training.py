@@ -327,7 +327,8 @@ def test_training_options_restricted_loss_mix_init_from_target(tiny_corpus, tmp_
 
     target, corpus = tiny_corpus
     s = run_training(_rc(target, corpus, tmp_path, steps=4, layers=2, init_from_target="last",
-                         train={"loss_vocab": "restricted", "n_negatives": 8, "mix": {"coder": 2.0, "math": 1.0}}))
+                         train={"loss_vocab": "restricted", "n_negatives": 8, "mix": {"coder": 2.0, "math": 1.0},
+                                "row_sampling": True}))
     assert s["step"] == 4 and s["drafter"]["init"].startswith("layers copied from target layers [2, 3]")
     with pytest.raises(ValueError, match="no training data"):
         run_training(_rc(target, corpus, tmp_path / "m", steps=1, train={"mix": {"planner": 1.0}}))

@@ -49,6 +49,7 @@ def render_card(s: dict) -> str:
         f"({tc['seqs_per_step']} sequences x {tc['anchors_per_seq']} anchors x {d['block_size']} rows per step), "
         f"AdamW lr {tc['lr']:g} cosine to {tc['min_lr_frac']:g}x, gamma {tc['gamma']:g}, loss over the "
         f"{'full vocabulary' if tc['loss_vocab'] == 'full' else 'response vocabulary + %d negatives' % tc['n_negatives']}"
+        f"{' (rows sampled by weight)' if tc.get('row_sampling') else ''}"
         f"; init: {d.get('init')}; data mix: {tc.get('mix') or 'as in the corpus'}; epochs per category: "
         f"{s.get('data', {}).get('epochs')}.",
         f"* Machine: {s.get('machine')}; load average at export {s.get('load_average')}; {s.get('date')}.",

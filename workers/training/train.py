@@ -48,6 +48,7 @@ class TrainConfig:
     loss_vocab: str = "full"  # full | restricted (response tokens + n_negatives sampled ids)
     n_negatives: int = 4096
     loss_chunk: int = 256  # rows per lm_head chunk ([256, V] fp32 logits stay cache-sized)
+    row_sampling: bool = False  # loss on rows drawn with probability exp(-(k-1)/gamma) instead of weighting all
     eval_minutes: float = 10.0
     ckpt_minutes: float = 5.0
     eval_every_steps: int | None = None  # overrides eval_minutes (tests, overfit runs)
@@ -102,9 +103,14 @@ def step_loss(drafter, target, batch, cfg: TrainConfig, autocast: bool, vocab: t
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
         hidden = blocks_forward(drafter, emb, feats.float(), batch.anchors.to(dev))  # [b, NB, H]
     labels = batch.labels.to(dev)
+    k_all = (torch.arange(labels.shape[1], device=dev) % c.block_size).expand_as(labels)
+    w_all = torch.exp(-(k_all.float() - 1) / cfg.gamma)
     sel = labels != IGNORE
-    k = (torch.arange(labels.shape[1], device=dev) % c.block_size).expand_as(labels)[sel]
-    w = torch.exp(-(k.float() - 1) / cfg.gamma)
+    if cfg.row_sampling:  # keep row k with probability w_k, weight 1: the same expected loss, ~45% of the rows
+        u = torch.rand(labels.shape, generator=generator).to(dev)
+        sel &= u < w_all
+        w_all = torch.ones_like(w_all)
+    k, w = k_all[sel], w_all[sel]
     target_ids = labels[sel]
     head = target.lm_head.weight
     if vocab is not None:  # restricted: response vocabulary + fresh negatives
