@@ -1,4 +1,4 @@
-"""A torch-free engine with the AsyncLLMEngine surface, for serving / router / reliability tests.
+"""A torch-free EngineClient (workers/engine/client.py), for serving / router / reliability tests.
 
 Deterministic: the text is a fixed English corpus walked from an offset derived from the prompt
 (and the seed when sampling), so the same request gives the same tokens. Speculation is simulated:
