@@ -6,7 +6,7 @@ could not memorise its training blocks in the engine's terms: offline tau could 
 training code's conventions) but the engine's would not, and the two would disagree pass by pass. Hence both
 are measured on the same greedy sequences, and their per-pass lists compared.
 
-    python -m workers.training.overfit --target smollm2 --sequences 32 --max-new-tokens 48 --minutes 3
+    python -m workers.training.overfit --target smollm2 --sequences 16 --max-new-tokens 32 --minutes 5
 """
 from __future__ import annotations
 
@@ -73,13 +73,14 @@ def overfit(engine, drafter, items: list[Item], cfg: TrainConfig, max_new_tokens
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default="smollm2")
-    ap.add_argument("--sequences", type=int, default=32)
-    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--sequences", type=int, default=16)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--minutes", type=float, default=3.0)
-    ap.add_argument("--lr", type=float, default=1.5e-3)
-    ap.add_argument("--seqs-per-step", type=int, default=8)
+    ap.add_argument("--minutes", type=float, default=5.0)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--seqs-per-step", type=int, default=4)
+    ap.add_argument("--init", help="warm start from this drafter directory (same shapes)")
     ap.add_argument("--eval-every", type=int, default=25, help="steps between tau measurements")
     ap.add_argument("--stop-at-tau", type=float, help="default: 0.8 x block size")
     ap.add_argument("--threads", type=int)
@@ -104,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     dc = DrafterConfig.for_target(mc, num_hidden_layers=a.layers, mask_token_id=pick_mask_token(engine.tokenizer,
                                   mc.vocab_size), block_size=a.block_size, target_layer_ids=ids)
     drafter = random_drafter(dc, engine.model)
+    if a.init:
+        from workers.training.drafter_init import warm_start
+
+        warm_start(drafter, a.init, mc)
     cfg = TrainConfig(minutes=a.minutes, seqs_per_step=min(a.seqs_per_step, a.sequences), anchors_per_seq=10_000,
                       lr=a.lr, warmup=20, eval_every_steps=a.eval_every, ckpt_minutes=1e9,
                       stop_at_tau=a.stop_at_tau or 0.8 * a.block_size)
