@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--max-num-seqs", type=int, default=16)
+    ap.add_argument("--max-model-len", type=int, default=2304, help="prompt + max tokens (corpus prompts < 2048)")
+    ap.add_argument("--kv-cache-gib", type=int, default=2, help="KV pool (requests wait for room)")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, help="torch intra-op threads")
@@ -90,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         ap.error(f"unknown categories {bad}; known: {', '.join(CATEGORIES)}")
     engine = LLMEngine(EngineConfig(model=model, drafter=drafter, device=args.device, dtype=args.dtype,
-                                    max_num_seqs=args.max_num_seqs))
+                                    max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                                    kv_cache_bytes=args.kv_cache_gib << 30))
     items, source = heldout_items(engine.tokenizer, cats, args.per_category, args.corpus)
     results = []
     for t in args.temperatures.split(","):

@@ -22,25 +22,33 @@ class Item:
 
 def measure(engine, items: list[Item], temperature: float, max_tokens: int, block_size: int, seed: int = 0,
             progress: bool = True) -> dict:
-    """All items queued at once (the engine batches them); -> tau per category, tokens, wall time, and the
+    """Items admitted as the KV pool allows (the engine batches them); -> tau per category, tokens, wall time, and the
     committed-per-pass lists (``passes``, per request id) for exact comparisons."""
     from tqdm import tqdm
 
-    from workers.engine.params import SamplingParams, SpecParams
+    from workers.engine.params import NoCapacity, SamplingParams, SpecParams
 
     cat_of, passes = {}, defaultdict(list)
-    for i, it in enumerate(items):
-        rid = f"{it.category}-{i}"
-        cat_of[rid] = it.category
-        engine.add_request(rid, it.prompt_ids, SamplingParams(temperature=temperature, max_tokens=max_tokens,
-                                                              seed=seed + i),
-                           SpecParams(enabled=True, block_size=block_size), tags={"role": it.category})
+    pending = list(enumerate(items))
     seen_first: set[str] = set()
     outputs: dict[str, list[int]] = defaultdict(list)
     n_tokens = 0
     t0 = time.time()
     bar = tqdm(total=len(items), desc=f"T={temperature:g}", unit="req", file=sys.stderr, disable=not progress)
-    while engine.has_unfinished():
+    while pending or engine.has_unfinished():
+        while pending:  # admit while the KV pool holds their worst case; the rest waits for finished ones
+            i, it = pending[0]
+            rid = f"{it.category}-{i}"
+            try:
+                engine.add_request(rid, it.prompt_ids, SamplingParams(temperature=temperature, max_tokens=max_tokens,
+                                                                      seed=seed + i),
+                                   SpecParams(enabled=True, block_size=block_size), tags={"role": it.category})
+            except NoCapacity:
+                if not engine.has_unfinished():
+                    raise
+                break
+            cat_of[rid] = it.category
+            pending.pop(0)
         for out in engine.step():
             if out.error:
                 raise RuntimeError(f"request {out.request_id} failed: {out.error}")
