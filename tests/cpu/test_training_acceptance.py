@@ -44,3 +44,16 @@ def test_heldout_items_from_the_corpus_or_the_prompt_builder(tmp_path):
     w.flush()
     items, source = heldout_items(eng.tokenizer, ["coder"], 5, str(tmp_path / "c"))
     assert "corpus" in source and [i.prompt_ids for i in items] == [[5, 6, 7]]
+
+
+def test_measure_waits_for_kv_room(tmp_path):
+    """More requests than the KV pool holds at once: they are admitted as earlier ones finish."""
+    from workers.engine.kv_cache import kv_bytes_per_block
+
+    probe, lm = tiny_engine(tmp_path / "t", "llama", drafter_block=4)
+    per_block = kv_bytes_per_block(4, [(2, 16)] * (lm.config.num_hidden_layers + 1), 4)
+    eng, _ = tiny_engine(tmp_path / "t", "llama", drafter_block=4, max_num_seqs=8, kv_cache_bytes=12 * per_block)
+    items = [Item("chat", [5 + i, 6, 7, 8]) for i in range(6)]
+    res = measure(eng, items, temperature=0.0, max_tokens=12, block_size=4, progress=False)
+    assert sorted(res["outputs"]) == sorted(f"chat-{i}" for i in range(6))
+    assert all(len(v) == 12 for v in res["outputs"].values())
