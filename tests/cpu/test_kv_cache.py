@@ -64,3 +64,31 @@ def test_rollback_equals_cache_without_rejected(tmp_path):
     while eng.has_unfinished():
         eng.step()
     assert eng.blocks.num_free_blocks == eng.blocks.num_blocks
+
+
+def test_sequences_get_contiguous_runs_and_fall_back_when_fragmented():
+    bm = BlockManager(12, 4)
+    for sid, n in (("a", 12), ("b", 8), ("c", 12)):  # 3 + 2 + 3 blocks, one run each
+        bm.reserve(sid, n)
+        assert bm.contiguous(sid)
+    assert bm.ensure("b", 8) == [3, 4] and bm.ensure("c", 5) == [5, 6]
+    bm.free("b")  # a hole of 2 blocks between a and c; 4 more free at the end
+    bm.reserve("d", 16)  # 4 blocks: the tail run
+    assert bm.contiguous("d") and bm.ensure("d", 16) == [8, 9, 10, 11]
+    bm.free("a")  # holes: [0, 3) and [3, 5) -> one run of 5
+    bm.reserve("e", 20)
+    assert bm.contiguous("e")
+    bm.free("e")
+    bm.reserve("f", 8)  # [0, 2)
+    bm.free("c")  # free now: [2, 8) minus nothing -> a run of 6; fragment it
+    bm.reserve("g", 4)  # [2, 3)
+    bm.reserve("h", 4)  # [3, 4)
+    bm.free("g")  # free: 2, 4, 5, 6, 7 -> longest run 4
+    bm.reserve("i", 20)  # 5 blocks, no run of 5: scattered, lazily
+    assert not bm.contiguous("i") and bm.num_free_blocks == 0
+    assert sorted(bm.ensure("i", 20)) == [2, 4, 5, 6, 7]
+    bm.truncate("i", 4)
+    assert bm.num_free_blocks == 0 and len(bm.table("i")) == 1
+    for sid in ("d", "f", "h", "i"):
+        bm.free(sid)
+    assert bm.num_free_blocks == 12

@@ -77,7 +77,8 @@ def test_chunked_prefill_attention_matches_full(pair):
     """Long prefill chunks through the engine's step inputs: the first chunk is causal self-attention only, the
     later ones merge the cached prefix and their own tokens by log-sum-exp (attention.chunk_attention); decode
     steps after them use the masked paged path. All equal the full forward."""
-    from workers.engine.runner import CHUNK_SPLIT_MIN, SeqSlice, build_step_inputs
+    from workers.engine.runner import SeqSlice, build_step_inputs
+    from workers.models.attention import CHUNK_SPLIT_MIN
 
     _, _, ours = pair
     cfg = ours.config
@@ -94,7 +95,37 @@ def test_chunked_prefill_attention_matches_full(pair):
         for lo, hi in zip(cuts, cuts[1:]):
             inp = build_step_inputs([SeqSlice(ids[lo:hi].tolist(), lo, table, list(range(hi - lo)))], bs, torch.device("cpu"),
                                     capture=False)
-            assert (inp.attn.prefix_len is not None) == (hi - lo >= CHUNK_SPLIT_MIN)
+            assert inp.attn.seqs is not None and inp.attn.seqs[0].slot0 == -1  # a shuffled table: gathered
             h, _ = ours.forward_paged(inp.input_ids, inp.positions, caches, inp.attn)
             outs.append(ours.logits(h))
     assert (torch.cat(outs) - ref).abs().max().item() < TOL
+
+
+def test_ragged_and_padded_attention_agree_on_a_mixed_step(pair):
+    """One step mixing a long prefill chunk (prefix + own), a short prefill, a verify block and decodes, over
+    contiguous and shuffled block tables: the CPU's per-sequence path equals the padded masked path."""
+    from workers.engine.runner import SeqSlice, build_step_inputs
+    from workers.models.attention import CHUNK_SPLIT_MIN
+
+    _, _, ours = pair
+    cfg = ours.config
+    bs, nb = 4, 256
+    torch.manual_seed(0)
+    caches = [(torch.randn(nb, bs, cfg.num_key_value_heads, cfg.head_dim),
+               torch.randn(nb, bs, cfg.num_key_value_heads, cfg.head_dim)) for _ in range(cfg.num_hidden_layers)]
+    shuffled = torch.randperm(nb)[:60].tolist()
+    runs = [list(range(100, 160)), list(range(160, 200)), list(range(200, 240))]
+    specs = [  # (n query tokens, start position, table)
+        (CHUNK_SPLIT_MIN + 5, 30, shuffled), (7, 0, runs[0]), (8, 50, runs[1]), (1, 90, runs[2]), (1, 13, shuffled[30:])]
+    slices = [SeqSlice(torch.randint(0, cfg.vocab_size, (n,)).tolist(), start, table, list(range(n)))
+              for n, start, table in specs]
+    out = {}
+    with torch.no_grad():
+        for ragged in (True, False):
+            inp = build_step_inputs(slices, bs, torch.device("cpu"), capture=False, ragged=ragged)
+            kv = [(k.clone(), v.clone()) for k, v in caches]
+            h, _ = ours.forward_paged(inp.input_ids, inp.positions, kv, inp.attn)
+            out[ragged] = ours.logits(h)
+    seqs = build_step_inputs(slices, bs, torch.device("cpu"), capture=False).attn.seqs
+    assert [s.slot0 >= 0 for s in seqs] == [False, True, True, True, False]
+    assert (out[True] - out[False]).abs().max().item() < TOL

@@ -19,25 +19,31 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
 class SeqBlocks:
     table: list[int] = field(default_factory=list)  # block ids, position p lives in table[p // block_size]
     reserved: int = 0  # blocks promised to this sequence (worst case), len(table) <= reserved
+    home: int | None = None  # first block of a contiguous run of ``reserved`` blocks held for it (else scattered)
 
 
 class BlockManager:
-    """Torch-free accounting of a pool of ``num_blocks`` blocks of ``block_size`` tokens."""
+    """Torch-free accounting of a pool of ``num_blocks`` blocks of ``block_size`` tokens.
+
+    A new sequence gets its whole worst case as one contiguous run of blocks when the pool has such a run
+    (first fit): its K/V then sit in consecutive cache slots and attention reads them as a view, no gather.
+    When the pool is too fragmented, its blocks come one by one from anywhere (lazily, out of the reservation)."""
 
     def __init__(self, num_blocks: int, block_size: int):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need >= 1 block of >= 1 token, got {num_blocks} x {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self._free = bytearray(b"\x01") * num_blocks  # 1 = free (not in a table, not in a home run)
+        self._num_free = num_blocks
         self._seqs: dict[str, SeqBlocks] = {}
-        self._reserved_unallocated = 0  # promised to sequences but still in the free list
+        self._reserved_unallocated = 0  # promised to scattered sequences but still free
 
     # ---- accounting ----
     @property
     def num_free_blocks(self) -> int:
         """Blocks neither in use nor promised to an admitted sequence."""
-        return len(self._free) - self._reserved_unallocated
+        return self._num_free - self._reserved_unallocated
 
     @property
     def free_tokens(self) -> int:
@@ -50,6 +56,15 @@ class BlockManager:
     def can_reserve(self, num_tokens: int) -> bool:
         return blocks_for(num_tokens, self.block_size) <= self.num_free_blocks
 
+    def _take(self, start: int, n: int) -> None:
+        self._free[start: start + n] = bytes(n)
+        self._num_free -= n
+
+    def _give(self, ids) -> None:
+        for b in ids:
+            self._free[b] = 1
+            self._num_free += 1
+
     # ---- lifecycle ----
     def reserve(self, seq_id: str, num_tokens: int) -> None:
         """Promise room for ``num_tokens`` tokens to a new sequence; raises MemoryError if it does not fit."""
@@ -58,8 +73,14 @@ class BlockManager:
         need = blocks_for(num_tokens, self.block_size)
         if need > self.num_free_blocks:
             raise MemoryError(f"need {need} KV blocks, {self.num_free_blocks} free")
-        self._seqs[seq_id] = SeqBlocks(reserved=need)
-        self._reserved_unallocated += need
+        s = SeqBlocks(reserved=need)
+        start = self._free.find(b"\x01" * need) if need else -1  # first fit (need <= num_free_blocks: it fits)
+        if start >= 0:
+            self._take(start, need)
+            s.home = start
+        else:
+            self._reserved_unallocated += need
+        self._seqs[seq_id] = s
 
     def ensure(self, seq_id: str, num_tokens: int) -> list[int]:
         """Grow the sequence's table to hold ``num_tokens`` positions (within its reservation)."""
@@ -68,8 +89,13 @@ class BlockManager:
         if need > s.reserved:
             raise MemoryError(f"sequence {seq_id!r} needs {need} blocks, reserved {s.reserved}")
         while len(s.table) < need:
-            s.table.append(self._free.pop())
-            self._reserved_unallocated -= 1
+            if s.home is not None:
+                s.table.append(s.home + len(s.table))
+            else:
+                b = self._free.find(1)
+                self._take(b, 1)
+                self._reserved_unallocated -= 1
+                s.table.append(b)
         return s.table
 
     def truncate(self, seq_id: str, num_tokens: int) -> None:
@@ -77,18 +103,27 @@ class BlockManager:
         s = self._seqs[seq_id]
         keep = blocks_for(num_tokens, self.block_size)
         while len(s.table) > keep:
-            self._free.append(s.table.pop())
-            self._reserved_unallocated += 1
+            b = s.table.pop()
+            if s.home is None:  # a home run keeps its blocks
+                self._give([b])
+                self._reserved_unallocated += 1
 
     def free(self, seq_id: str) -> None:
         s = self._seqs.pop(seq_id, None)
         if s is None:
             return
-        self._reserved_unallocated -= s.reserved - len(s.table)
-        self._free.extend(reversed(s.table))
+        if s.home is not None:
+            self._give(range(s.home, s.home + s.reserved))
+        else:
+            self._reserved_unallocated -= s.reserved - len(s.table)
+            self._give(s.table)
 
     def table(self, seq_id: str) -> list[int]:
         return self._seqs[seq_id].table
+
+    def contiguous(self, seq_id: str) -> bool:
+        """The sequence's blocks are one run (its cache slots are consecutive)."""
+        return self._seqs[seq_id].home is not None
 
     def slot(self, seq_id: str, position: int) -> int:
         t = self._seqs[seq_id].table

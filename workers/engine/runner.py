@@ -12,10 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from workers.models.attention import AttnMetadata
-
-
-CHUNK_SPLIT_MIN = 64  # a single sequence's step of this many tokens or more uses attention.chunk_attention
+from workers.models.attention import AttnMetadata, SeqSpan
 
 
 @dataclass
@@ -42,7 +39,15 @@ def _to(a: np.ndarray, device) -> torch.Tensor:
     return t if device.type == "cpu" else t.to(device, non_blocking=True)
 
 
-def build_step_inputs(slices: list[SeqSlice], block_size: int, device, capture: bool) -> StepInputs:
+def _first_slot(table: list[int], block_size: int) -> int:
+    """Slot of position 0 when the table is one run of consecutive blocks (a view of the cache), else -1."""
+    t0 = table[0] if table else 0
+    return t0 * block_size if all(b == t0 + i for i, b in enumerate(table)) else -1
+
+
+def build_step_inputs(slices: list[SeqSlice], block_size: int, device, capture: bool,
+                      ragged: bool | None = None) -> StepInputs:
+    """ragged: per-sequence attention spans (default on CPU) instead of the padded [B, Tq] x [B, K] layout."""
     b = len(slices)
     lens = np.array([len(s.token_ids) for s in slices], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
@@ -55,19 +60,20 @@ def build_step_inputs(slices: list[SeqSlice], block_size: int, device, capture: 
         tables[i, : len(s.block_table)] = s.block_table[:nblk]
     seq_of = np.repeat(np.arange(b), lens)
     slots = tables[seq_of, pos // block_size] * block_size + pos % block_size
-    # padded query layout [B, Tq]; padding rows repeat the sequence's last row and are dropped on the way out
+    logits_rows = np.array([starts[i] + r for i, s in enumerate(slices) for r in s.logits_rows], dtype=np.int64)
+    single = b == 1
+    # padded query layout [B, Tq] (the padded attention path and the graph runner's buffers): padding rows repeat
+    # the sequence's last row and are dropped on the way out
     t_idx = np.arange(tq)[None, :]
     q_index = starts[:, None] + np.minimum(t_idx, lens[:, None] - 1)  # [B, Tq]
-    pad_pos = pos[q_index]  # [B, Tq]
-    single = b == 1
-    if single and n >= CHUNK_SPLIT_MIN:
-        mask = np.ones((1, 1, 1), dtype=bool)  # unused: chunk_attention needs none
-    else:
-        mask = np.arange(nblk * block_size)[None, None, :] <= pad_pos[:, :, None]  # [B, Tq, K]
     out_index = seq_of * tq + (np.arange(n) - starts[seq_of])
-    logits_rows = np.array([starts[i] + r for i, s in enumerate(slices) for r in s.logits_rows], dtype=np.int64)
-    # one sequence's prefill chunk: attention = cached prefix (unmasked) + its own tokens (causal), no mask built
-    prefix_len = slices[0].start_pos if single and n >= CHUNK_SPLIT_MIN else None
+    if device.type == "cpu" if ragged is None else ragged:  # ragged attention: per-sequence spans, no mask
+        seqs = tuple(SeqSpan(int(starts[i]), len(s.token_ids), s.start_pos, _first_slot(s.block_table, block_size), i)
+                     for i, s in enumerate(slices))
+        mask = np.ones((1, 1, 1), dtype=bool)
+    else:
+        seqs = None
+        mask = np.arange(nblk * block_size)[None, None, :] <= pos[q_index][:, :, None]  # [B, Tq, K]
     attn = AttnMetadata(
         slot_mapping=_to(slots, device),
         block_tables=_to(tables, device),
@@ -76,7 +82,7 @@ def build_step_inputs(slices: list[SeqSlice], block_size: int, device, capture: 
         mask=_to(mask[:, None], device),
         batch=b,
         q_len=tq,
-        prefix_len=prefix_len,
+        seqs=seqs,
     )
     return StepInputs(_to(ids, device), _to(pos, device), attn, _to(logits_rows, device), capture)
 

@@ -4,6 +4,16 @@ Layout (all tensors built once per step by the runner and shared by every layer)
   N  = number of new tokens in the step (flat, no padding in the linears)
   B  = number of sequences, Tq = longest query run, K = longest key run (multiple of the KV block size)
 Cache per layer: k_cache / v_cache [num_blocks, block_size, n_kv_heads, head_dim].
+
+Two paths:
+  * ``ragged_attention`` (CPU): one attention call per sequence over exactly its own keys — a view of the
+    cache when its blocks are one contiguous run (kv_cache.BlockManager hands out such runs), else a gather of
+    its own blocks; decode rows need no mask, a short block (verify) a small causal-tail bias, a long chunk
+    (prefill) is split into its cached prefix (unmasked) and its own tokens (causal) merged by log-sum-exp.
+    No padding of queries or keys to the batch's longest: a step mixing one prefill chunk with 31 decodes costs
+    what those sequences need, not 32 x the longest.
+  * ``paged_attention`` (CUDA, and the graph runner's static buffers): one batched call over the padded
+    [B, Tq] x [B, K] layout with a mask.
 """
 from __future__ import annotations
 
@@ -22,10 +32,21 @@ class AttnMetadata:
     mask: torch.Tensor  # [B, 1, Tq, K] bool (True = attend), or the additive bias of ``attn_bias``
     batch: int
     q_len: int  # Tq
-    # one sequence's prefill chunk (runner.CHUNK_SPLIT_MIN tokens or more): its keys are the cache's first
-    # prefix_len positions (no mask needed) and the chunk's own tokens (causal): ``chunk_attention``. None: the
-    # masked paged path. Saves the mask and, with flash attention's causal tile skipping, half the self part.
-    prefix_len: int | None = None
+    seqs: tuple["SeqSpan", ...] | None = None  # host-side per-sequence layout: the ragged path (CPU); None = padded
+
+
+CHUNK_SPLIT_MIN = 64  # a sequence's query run of this many tokens or more: prefix + own-causal split
+
+
+@dataclass(frozen=True)
+class SeqSpan:
+    """One sequence's rows of the flat batch and where its keys are."""
+
+    row0: int  # its first query row in the flat batch
+    n: int  # its query rows this step
+    start: int  # position of its first query (= keys already cached before this step)
+    slot0: int  # cache slot of its position 0 when its blocks are one contiguous run, else -1
+    index: int  # its row of block_tables
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor):
@@ -56,33 +77,62 @@ def _flash(q, k, v, causal: bool, scale: float):
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
 
 
-def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttnMetadata, scale: float) -> torch.Tensor:
-    """One sequence's chunk: q/k/v [N, heads, hd] of its own tokens -> [N, nh*hd].
+def _heads(x: torch.Tensor, nh: int) -> torch.Tensor:
+    """[S, kvh, hd] -> [1, nh, S, hd] (KV heads repeated for the private flash op, which has no GQA)."""
+    x = x.transpose(0, 1)[None]
+    return x.repeat_interleave(nh // x.shape[1], dim=1) if x.shape[1] != nh else x
 
-    softmax over [prefix ; own] = the two partial softmaxes merged by their log-sum-exp (as flash attention
-    merges tiles): prefix part unmasked, own part causal."""
+
+def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_prefix: torch.Tensor | None,
+                    v_prefix: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """One sequence's chunk: q [N, nh, hd], its own k/v [N, kvh, hd], cached prefix k/v [P, kvh, hd] or None
+    -> [N, nh*hd]. softmax over [prefix ; own] = the two partial softmaxes merged by their log-sum-exp (as flash
+    attention merges tiles): prefix part unmasked, own part causal."""
     n, nh, hd = q.shape
-    kvh = k.shape[1]
     qq = q.transpose(0, 1)[None]  # [1, nh, N, hd]
-    if q.device.type != "cpu":  # no log-sum-exp from the public SDPA: the masked path
-        return paged_attention(q, k_cache, v_cache, meta, scale)
-
-    def heads(x):  # [S, kvh, hd] -> [1, nh, S, hd]
-        x = x.transpose(0, 1)[None]
-        return x.repeat_interleave(nh // kvh, dim=1) if kvh != nh else x
-
-    out, lse = _flash(qq, heads(k), heads(v), True, scale)
-    if meta.prefix_len:
-        p = meta.prefix_len
-        kp = gather_kv(k_cache, meta.block_tables)[:, :, :p]  # [1, kvh, P, hd]
-        vp = gather_kv(v_cache, meta.block_tables)[:, :, :p]
-        rep = nh // kvh
-        o_p, lse_p = _flash(qq, kp.repeat_interleave(rep, 1), vp.repeat_interleave(rep, 1), False, scale)
+    out, lse = _flash(qq, _heads(k, nh), _heads(v, nh), True, scale)
+    if k_prefix is not None and k_prefix.shape[0]:
+        o_p, lse_p = _flash(qq, _heads(k_prefix, nh), _heads(v_prefix, nh), False, scale)
         m = torch.maximum(lse, lse_p)
         w, w_p = (lse - m).exp_()[..., None], (lse_p - m).exp_()[..., None]  # [1, nh, N, 1] fp32
         out = ((out.float() * w + o_p.float() * w_p) / (w + w_p)).to(q.dtype)
     return out[0].transpose(0, 1).reshape(n, nh * hd)
+
+
+def _seq_keys(cache: torch.Tensor, meta: AttnMetadata, s: SeqSpan, length: int) -> torch.Tensor:
+    """A sequence's first ``length`` cached positions -> [length, kvh, hd] (a view when its run is contiguous)."""
+    _, bs, kvh, hd = cache.shape
+    flat = cache.view(-1, kvh, hd)
+    if s.slot0 >= 0:
+        return flat[s.slot0: s.slot0 + length]
+    blocks = meta.block_tables[s.index, : -(-length // bs)]
+    return cache.index_select(0, blocks).view(-1, kvh, hd)[:length]
+
+
+def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, meta: AttnMetadata, scale: float) -> torch.Tensor:
+    """q [N, nh, hd], this step's k/v [N, kvh, hd] (already written to the cache) -> [N, nh*hd]."""
+    n_all, nh, hd = q.shape
+    gqa = k.shape[1] != nh
+    outs = []
+    for s in meta.seqs:
+        qi = q[s.row0: s.row0 + s.n]  # [n, nh, hd]
+        if s.n >= CHUNK_SPLIT_MIN:
+            kp = _seq_keys(k_cache, meta, s, s.start) if s.start else None
+            vp = _seq_keys(v_cache, meta, s, s.start) if s.start else None
+            outs.append(chunk_attention(qi, k[s.row0: s.row0 + s.n], v[s.row0: s.row0 + s.n], kp, vp, scale))
+            continue
+        length = s.start + s.n
+        kk = _seq_keys(k_cache, meta, s, length).transpose(0, 1)[None]  # [1, kvh, L, hd]
+        vv = _seq_keys(v_cache, meta, s, length).transpose(0, 1)[None]
+        bias = None
+        if s.n > 1:  # query j (position start + j) sees keys <= start + j
+            hide = torch.arange(length, device=q.device)[None, :] > (s.start + torch.arange(s.n, device=q.device))[:, None]
+            bias = torch.zeros(s.n, length, dtype=q.dtype, device=q.device).masked_fill_(hide, float("-inf"))
+        o = F.scaled_dot_product_attention(qi.transpose(0, 1)[None], kk, vv, attn_mask=bias, scale=scale,
+                                           enable_gqa=gqa)  # [1, nh, n, hd]
+        outs.append(o[0].transpose(0, 1).reshape(s.n, nh * hd))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def paged_attention(

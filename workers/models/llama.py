@@ -19,7 +19,7 @@ from torch import nn
 
 import dataclasses
 
-from workers.models.attention import AttnMetadata, attn_bias, chunk_attention, paged_attention, write_kv
+from workers.models.attention import AttnMetadata, attn_bias, paged_attention, ragged_attention, write_kv
 from workers.models.config import ModelConfig, rope_table
 
 
@@ -96,8 +96,8 @@ class Attention(nn.Module):
         """x [N, H] -> [N, H]; writes this step's K/V into the cache first."""
         q, k, v = self.qkv(x, cos, sin)
         write_kv(kv[0], kv[1], k, v, meta.slot_mapping)
-        if meta.prefix_len is not None:
-            return self.o_proj(chunk_attention(q, k, v, kv[0], kv[1], meta, self.scale))
+        if meta.seqs is not None:
+            return self.o_proj(ragged_attention(q, k, v, kv[0], kv[1], meta, self.scale))
         return self.o_proj(paged_attention(q, kv[0], kv[1], meta, self.scale))
 
 
@@ -208,7 +208,7 @@ class CausalLM(nn.Module):
         cos, sin = rope_cos_sin(self.rope, positions)
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        if meta.prefix_len is None:
+        if meta.seqs is None:
             meta = dataclasses.replace(meta, mask=attn_bias(meta.mask, x.dtype))  # once, shared by every layer
         want, captured = set(capture_layers), {}
         for i, layer in enumerate(self.model.layers):
