@@ -20,6 +20,8 @@ import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from workers.training.prompts import AGENT_SYSTEM
+
 ROLES = ("planner", "coder", "reviewer", "tool_caller")
 
 TASKS = [
@@ -43,14 +45,7 @@ TASKS = [
 TOOLS = ["search_docs", "run_tests", "read_file", "write_file", "open_issue", "get_weather", "query_db"]
 CITIES = ["Paris", "Tokyo", "Lima", "Oslo", "Cairo", "Austin", "Seoul", "Perth"]
 
-SYSTEM = {
-    "planner": "You are the planner of a small software team. Break the task into short numbered steps. "
-               "Be brief.",
-    "coder": "You are an expert Python programmer. Reply with a single Python code block and nothing else.",
-    "reviewer": "You are a strict code reviewer. List concrete problems in the code as short bullet points.",
-    "tool_caller": "You are an agent that calls tools. Reply with exactly one JSON object of the form "
-                   '{"tool": <name>, "arguments": {...}} and nothing else.',
-}
+SYSTEM = AGENT_SYSTEM  # role -> system prompt: the one set the drafter is also trained on
 FOLLOW_UPS = {
     "planner": ["What is the next step?", "Which step is the riskiest, and why?", "Shorten the plan to three steps."],
     "coder": ["Add type hints and a docstring.", "Add error handling for bad input.",

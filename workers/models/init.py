@@ -17,7 +17,7 @@ import torch
 
 from workers.models.config import ModelConfig, rope_table
 from workers.models.llama import CausalLM
-from workers.models.loader import LoadedModel, load_model, load_tokenizer, resolve_device, resolve_dtype
+from workers.models.loader import LoadedModel, load_model, load_tokenizer, resolve_device, resolve_dtype, shard_files
 
 # RoPE base per family (not part of cluster.planning.presets.ModelSpec; it does not change step times)
 _ROPE = {"qwen3": (1_000_000.0, None), "llama": (500_000.0, None)}
@@ -56,19 +56,6 @@ def materialize(model: CausalLM, device: str | torch.device, dtype: torch.dtype)
     table = rope_table(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
     model.rope = table.to(device=device, dtype=dtype)
     return model.eval().requires_grad_(False)
-
-
-def shard_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").is_file():
-        names = ["model.safetensors"]
-    else:
-        names = sorted(p.name for p in path.glob("*.safetensors"))
-    if not names:
-        raise FileNotFoundError(f"no *.safetensors weights in {path}")
-    return [path / n for n in names]
 
 
 @torch.no_grad()

@@ -63,21 +63,26 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def shard_files(path: Path) -> list[Path]:
+    """The safetensors files of an HF directory: the sharded index's, else model.safetensors, else all."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").is_file():
+        names = ["model.safetensors"]
+    else:
+        names = sorted(p.name for p in path.glob("*.safetensors"))
+    if not names:
+        raise FileNotFoundError(f"no *.safetensors weights in {path}")
+    return [path / n for n in names]
+
+
 def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        files = sorted(p.name for p in path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors weights in {path}")
     state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(path / f)))
+    for f in shard_files(path):
+        state.update(load_file(str(f)))
     return state
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 CATEGORIES = ("math", "code", "chat", "planner", "coder", "reviewer", "tool_caller")
 AGENT_ROLES = ("planner", "coder", "reviewer", "tool_caller")
 
-# The agent roles' system prompts, word for word as benchmarks/workload.py sends them (a test keeps them equal).
+# The agent roles' system prompts (benchmarks/workload.py sends these same ones).
 AGENT_SYSTEM = {
     "planner": "You are the planner of a small software team. Break the task into short numbered steps. "
                "Be brief.",
