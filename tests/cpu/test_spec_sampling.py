@@ -87,12 +87,12 @@ def sample_many(eng, spec):
     return counts
 
 
-@pytest.mark.parametrize("mode", ["ar", "spec"])
+@pytest.mark.parametrize("mode", ["ar", "spec", "spec-draft-vocab"])
 def test_engine_sampling_matches_target(setup, mode, monkeypatch):
     eng, lm, exact = setup
     eng._outs = {}
     spec = SpecParams(enabled=False) if mode == "ar" else SpecParams(True, 4)
-    if mode == "spec":  # proposer: the target's own processed distribution, tempered, so q != p but close
+    if mode.startswith("spec"):  # proposer: the target's own processed distribution, tempered, so q != p but close
         rp = RowParams.build([SamplingParams(temperature=1.5, top_k=12)], "cpu")
 
         def propose(d):
@@ -110,6 +110,12 @@ def test_engine_sampling_matches_target(setup, mode, monkeypatch):
                 out.append(torch.stack(rows))
             return torch.stack(out)
 
+        if mode == "spec-draft-vocab":  # drafts only from 11 of the 16 tokens (q = 0 elsewhere, p is not)
+            vocab = torch.tensor([0, 1, 2, 4, 5, 7, 8, 10, 11, 13, 14])
+            monkeypatch.setattr(eng.drafter, "draft_vocab", vocab)
+            monkeypatch.setattr(eng.drafter, "draft_head", torch.nn.Identity())  # marks the [.., Vd] logits
+            full = propose
+            propose = lambda d: full(d)[..., vocab]  # noqa: E731  [B, Q-1, Vd] as a draft head gives them
         monkeypatch.setattr(eng.runner, "propose_logits", propose)
         passes0, toks0 = eng.tracker.spec_passes, eng.tracker.spec_tokens
     counts = sample_many(eng, spec)
@@ -117,7 +123,7 @@ def test_engine_sampling_matches_target(setup, mode, monkeypatch):
     for k in range(3):
         ok, stat = chi_square_ok(counts[k], exact[k])
         assert ok, (mode, k, stat)
-    if mode == "spec":
+    if mode.startswith("spec"):
         tau = (eng.tracker.spec_tokens - toks0) / (eng.tracker.spec_passes - passes0)
         assert tau > 1.3  # the verification path with accepted drafts really ran
 

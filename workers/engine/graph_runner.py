@@ -231,7 +231,7 @@ class GraphRunner(ModelRunner):
         s.own[:, 0] = True
         s.own[:b, :q].copy_(d.mask[:, 0, 0, nblk * self.block_size:])
         h = g()  # [bp, qp, H]
-        return self.model.logits(h[:b, 1:q]).float()
+        return self.draft_logits(h[:b, 1:q])
 
     # ---- drafter context: committed tokens' features -> drafter K/V ----
     def _build_ctx(self, r: int, feat_dim: int, dtype):

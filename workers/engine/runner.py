@@ -133,14 +133,20 @@ class ModelRunner:
 
     @torch.inference_mode()
     def propose_logits(self, d: DraftInputs) -> torch.Tensor:
-        """-> drafter logits [B, Q-1, V] fp32 for block positions 1..Q-1."""
+        """-> drafter logits [B, Q-1, V] fp32 for block positions 1..Q-1 (V = its draft vocabulary when it has one)."""
         emb = self.model.embed(d.block_ids)  # [B, Q, H]
         h = self.drafter.propose_hidden(emb, d.positions, self.pool.drafter, d.block_tables, d.mask)
-        b, q, hid = h.shape
-        # one contiguous 2-D [B*(Q-1), H] matmul: lm_head on the strided 3-D view h[:, 1:] runs as a bmm
-        # over a materialised copy of the [V, H] weight (61% of a speculative step's CPU time)
-        rows = h[:, 1:].reshape(b * (q - 1), hid)
-        return self.model.logits(rows).float().view(b, q - 1, -1)
+        return self.draft_logits(h[:, 1:])
+
+    def draft_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h [B, Q-1, H] -> [B, Q-1, V] fp32 through the drafter's draft head (its vocabulary) or the target lm_head.
+        One contiguous 2-D [B*(Q-1), H] matmul: the head on a strided 3-D view runs as a bmm over a materialised
+        copy of the weight (it was 61% of a speculative step's CPU time)."""
+        b, q1, hid = h.shape
+        rows = h.reshape(b * q1, hid)
+        head = self.drafter.draft_head
+        logits = head(rows) if head is not None else self.model.logits(rows)
+        return logits.float().view(b, q1, -1)
 
     @torch.inference_mode()
     def write_context(self, feats: torch.Tensor, rows: list[int], positions: list[int], slots: list[int]):

@@ -170,10 +170,25 @@ class DFlashDrafter(nn.Module):
         self.hidden_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         table = rope_table(c.head_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings)
         self.register_buffer("rope", table, persistent=False)  # [P, 2, hd]
+        # optional reduced draft vocabulary (draft_vocab.json): drafts are drawn from these token ids only, with
+        # logits from draft_head = the target lm_head's rows for them (attach_draft_head); None = full vocabulary
+        self.register_buffer("draft_vocab", None, persistent=False)  # [Vd] long, sorted
+        self.draft_head: nn.Module | None = None
 
     @property
     def block_size(self) -> int:
         return self.config.block_size
+
+    def attach_draft_head(self, lm_head_weight: torch.Tensor) -> None:
+        """draft_head = lm_head restricted to draft_vocab: [Vd, H] rows of the target's [V, H] weight."""
+        if self.draft_vocab is None or lm_head_weight.shape[0] != self.config.vocab_size:
+            return  # no draft vocabulary, or a vocab-parallel (sharded) lm_head: drafts use the full vocabulary
+        head = nn.Linear(lm_head_weight.shape[1], self.draft_vocab.numel(), bias=False,
+                         device=lm_head_weight.device, dtype=lm_head_weight.dtype)
+        with torch.no_grad():
+            head.weight.copy_(lm_head_weight.detach().index_select(0, self.draft_vocab.to(lm_head_weight.device)))
+        head.requires_grad_(False)
+        self.draft_head = head
 
     def project_context(self, features: torch.Tensor) -> torch.Tensor:
         """raw concatenated target layer outputs [..., n_feat*H] -> [..., H]."""
@@ -286,7 +301,29 @@ def load_drafter(path: str | Path, target_cfg: ModelConfig, dtype: torch.dtype =
     d = d.to_empty(device=device)
     d.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
     d.rope = rope_table(c.head_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings).to(device)
-    return d.to(dtype).eval()
+    d = d.to(dtype).eval()
+    if (p / DRAFT_VOCAB_FILE).is_file():
+        d.draft_vocab = read_draft_vocab(p / DRAFT_VOCAB_FILE, c.vocab_size).to(device)
+    return d
+
+
+DRAFT_VOCAB_FILE = "draft_vocab.json"  # {"token_ids": [...], ...}: an extra file, ignored by the z-lab reference
+
+
+def read_draft_vocab(path: Path, vocab_size: int) -> torch.Tensor:
+    """-> sorted unique token ids [Vd] long; IncompatibleDrafter when malformed or outside the vocabulary."""
+    try:
+        ids = json.loads(Path(path).read_text())["token_ids"]
+        ids = sorted({int(t) for t in ids})
+    except (ValueError, KeyError, TypeError) as exc:
+        raise IncompatibleDrafter(f"{path}: not a draft vocabulary ({exc})") from None
+    if not ids or ids[0] < 0 or ids[-1] >= vocab_size:
+        raise IncompatibleDrafter(f"{path}: draft vocabulary ids must be non-empty and in [0, {vocab_size})")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def write_draft_vocab(path: str | Path, token_ids: list[int], **info) -> None:
+    Path(path).write_text(json.dumps({"token_ids": sorted({int(t) for t in token_ids}), **info}) + "\n")
 
 
 def save_drafter(drafter: DFlashDrafter, path: str | Path, dtype: torch.dtype | None = None) -> None:
@@ -300,3 +337,5 @@ def save_drafter(drafter: DFlashDrafter, path: str | Path, dtype: torch.dtype | 
     cfg["torch_dtype"] = str(next(iter(sd.values())).dtype).removeprefix("torch.")
     (p / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     save_file(sd, str(p / "model.safetensors"), metadata={"format": "pt"})
+    if drafter.draft_vocab is not None:
+        write_draft_vocab(p / DRAFT_VOCAB_FILE, drafter.draft_vocab.tolist())

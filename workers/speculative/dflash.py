@@ -25,6 +25,7 @@ class DFlashProposer:
         self.kv_layers = [(c.num_key_value_heads, c.head_dim)] * c.num_hidden_layers
         self.capture_layers = list(c.target_layer_ids)
         self.mask_token_id = c.mask_token_id
+        self.vocab_size = c.vocab_size
         self.kv_block_size = kv_block_size
         self.device = device
 
@@ -36,7 +37,12 @@ class DFlashProposer:
             blocks=[r.num_drafts + 1 for r in batch], tables=[r.block_table for r in batch],
             mask_token_id=self.mask_token_id, block_size=self.kv_block_size, device=self.device,
         )
-        logits = runner.propose_logits(d)  # [B, Q-1, V]
+        logits = runner.propose_logits(d)  # [B, Q-1, V], or [B, Q-1, Vd] over the draft vocabulary
+        # [Vd] token id of each draft-vocabulary column, or None (full vocabulary)
+        vocab = self.network.draft_vocab if self.network.draft_head is not None else None
+        if vocab is not None and any(r.guide is not None or not r.sampling.greedy for r in batch):
+            logits = self._full(logits, vocab)  # grammar masks and the verifier's q live in the full vocabulary
+            vocab = None
         guided: dict[int, Draft] = {}
         by_guide: dict[int, list[int]] = {}
         for i, r in enumerate(batch):
@@ -45,7 +51,8 @@ class DFlashProposer:
         for idx in by_guide.values():  # grammar-constrained requests: drafted through their grammar
             drawn = batch[idx[0]].guide.draw([batch[i] for i in idx], [logits[i, : batch[i].num_drafts] for i in idx])
             guided.update(zip(idx, drawn))
-        greedy = logits.argmax(-1).tolist()
+        top = logits.argmax(-1)  # [B, Q-1]
+        greedy = (top if vocab is None else vocab[top]).tolist()
         out: list[Draft] = []
         for i, r in enumerate(batch):
             n = r.num_drafts
@@ -57,6 +64,13 @@ class DFlashProposer:
                 q = processed_probs(logits[i, :n], RowParams.build([r.sampling], self.device).repeat(n))  # [n, V]
                 out.append(Draft(sample(q, [r.generator]).tolist(), q))
         return out
+
+    def _full(self, logits: torch.Tensor, vocab: torch.Tensor) -> torch.Tensor:
+        """[B, Q-1, Vd] -> [B, Q-1, V] with -inf outside the draft vocabulary (q is 0 there: still a valid
+        proposal distribution, so sampling stays exact)."""
+        full = torch.full((*logits.shape[:2], self.vocab_size), float("-inf"), dtype=logits.dtype,
+                          device=logits.device)
+        return full.index_copy_(2, vocab, logits)
 
     def commit(self, batch: CommitBatch, runner: ModelRunner) -> None:
         if batch.rows:
@@ -72,4 +86,6 @@ def build(ctx: ProposerContext) -> DFlashProposer | None:
         drafter = load_drafter(ctx.config.drafter, ctx.target.config, ctx.dtype, ctx.device)
     if drafter is None:
         return None
+    if drafter.draft_vocab is not None and drafter.draft_head is None:
+        drafter.attach_draft_head(ctx.target.lm_head.weight)
     return DFlashProposer(drafter, ctx.config.kv_block_size, ctx.device)
