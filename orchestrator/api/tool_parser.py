@@ -221,9 +221,10 @@ class ToolCallStream:
         self._after_call = True
 
 
-def parse_tool_calls(text: str, names: set[str]) -> tuple[str | None, list[ParsedCall]]:
-    """Whole output -> (content or None, complete tool calls)."""
-    s = ToolCallStream(names)
+def parse_tool_calls(text: str, names: set[str], incremental: bool = False) -> tuple[str | None, list[ParsedCall]]:
+    """Whole output -> (content or None, complete tool calls). With `incremental` (grammar-constrained output,
+    as streamed), a call cut off by max_tokens is dropped rather than returned as content text."""
+    s = ToolCallStream(names, incremental=incremental)
     s.feed(text)
     s.close()
     return s.content, s.calls

@@ -95,7 +95,7 @@ def chat_message(plan: ChatPlan, text: str, finish: str) -> tuple[dict, str, int
     if not plan.tool_names:
         _guard(plan, text, finish)
         return {"role": "assistant", "content": text}, finish, 0
-    content, calls = parse_tool_calls(text, plan.tool_names)
+    content, calls = parse_tool_calls(text, plan.tool_names, incremental=plan.constrained)
     msg: dict[str, Any] = {"role": "assistant", "content": content}
     if calls:
         msg["tool_calls"] = [c.to_openai() for c in calls]

@@ -41,3 +41,11 @@ def test_bit_j_of_word_w_is_token_32w_plus_j():
     bm[0, 1] = 1 << 3  # token 35 only
     out = BitmaskApplier().apply(torch.zeros(1, 64), bm)
     assert torch.isfinite(out[0]).nonzero().flatten().tolist() == [35]
+
+
+def test_the_device_path_equals_the_numpy_path():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(4, 100, generator=g)
+    bm = torch.randint(-(2**31), 2**31 - 1, (4, words(100)), dtype=torch.int32, generator=g)
+    a = BitmaskApplier()
+    assert torch.equal(a._apply_torch(logits.clone(), bm), a.apply(logits.clone(), bm))

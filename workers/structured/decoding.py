@@ -17,12 +17,13 @@ from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
+import numpy as np
 import torch
 
 from workers.engine.params import InvalidRequest, StructuredSpec
-from workers.structured.bitmask import BitmaskApplier, words
+from workers.structured.bitmask import BitmaskApplier, apply_np, words
 from workers.structured.compiler import GrammarCompiler
 
 
@@ -98,59 +99,81 @@ class StructuredDecoder:
         return self._pool.submit(self._fill, self._batch_bg, list(rids))
 
     @torch.inference_mode()  # the logits are inference tensors
-    def mask_target(self, logits: torch.Tensor, rows: list[int], masks: list[torch.Tensor]) -> None:
-        """logits [R, V] in place: rows[i] gets masks[i] ([W] each)."""
+    def mask_target(self, logits: torch.Tensor, rows: list[int], masks: list[torch.Tensor],
+                    greedy: list[bool] | None = None) -> None:
+        """logits [R, V] in place: rows[i] gets masks[i] ([W] each). A greedy row whose argmax the grammar
+        allows is left as it is: the masked argmax is that same token (the first maximum is allowed), and a
+        greedy row is only ever read through its argmax."""
         if not rows:
+            return
+        bm = torch.stack(masks)  # [k, W]
+        if logits.device.type == "cpu":  # numpy: one thread, no intra-op wake-ups for a few rows
+            ln, bmn = logits.numpy(), bm.numpy()
+            keep = [j for j, r in enumerate(rows) if not (greedy and greedy[j] and _allows(bmn[j], int(ln[r].argmax())))]
+            if keep:
+                sel = [rows[j] for j in keep]
+                sub = ln[sel]
+                apply_np(sub, bmn[keep])
+                ln[sel] = sub
             return
         idx = torch.tensor(rows, device=logits.device)
         sub = logits.index_select(0, idx)
-        self.applier.apply(sub, torch.stack(masks))
+        self.applier.apply(sub, bm)
         logits.index_copy_(0, idx, sub)
 
     # ---- drafting ----
     @torch.inference_mode()
-    def draft(self, rids: list[str], logits: list[torch.Tensor],
-              choose: Callable[[list[int], torch.Tensor], list[int]]) -> list[DraftWalk]:
+    def draft(self, rids: list[str], logits: list[torch.Tensor], samplings: list[Any],
+              generators: list[Any]) -> list[tuple[DraftWalk, torch.Tensor | None]]:
         """Masked drafting for constrained speculative sequences.
 
-        rids[i] has drafter logits logits[i] [n_i, V] (fp32, masked in place); ``choose(seq_indices, rows)``
-        picks one token per row of the masked rows [k, V] (argmax, or a sample from the processed q').
+        rids[i] has drafter logits logits[i] [n_i, V] fp32. Position k of every sequence is masked by its
+        grammar state after drafts 0..k-1 (one batched mask call per position), then drawn: the masked
+        argmax (greedy requests) or a sample from q = softmax(masked logits / temperature), which is returned
+        [n_i, V] for the verifier (any q is exact there; top-k / top-p stay on the target's side).
         """
-        n_max = max((x.shape[0] for x in logits), default=0)
-        walks = [DraftWalk([], torch.empty((x.shape[0] + 1, self.w), dtype=torch.int32), 0) for x in logits]
+        host = [x.float().cpu().numpy() if x.device.type != "cpu" else x.numpy() for x in logits]  # [n_i, V]
+        n_max = max((x.shape[0] for x in host), default=0)
+        walks = [DraftWalk([], torch.empty((x.shape[0] + 1, self.w), dtype=torch.int32), 0) for x in host]
+        qs = [np.zeros((x.shape[0], x.shape[1]), dtype=np.float32) if not sp.greedy else None
+              for x, sp in zip(host, samplings)]
         ms = [self.matchers[r] for r in rids]
         ended = [m.is_terminated() for m in ms]
         for k in range(n_max + 1):
-            act = [i for i, x in enumerate(logits) if k <= x.shape[0]]
-            live = [i for i in act if not ended[i]]
+            act = [i for i, x in enumerate(host) if k <= x.shape[0]]
+            live = [j for j, i in enumerate(act) if not ended[i]]
             masks = torch.empty((len(act), self.w), dtype=torch.int32)
-            pos = {i: j for j, i in enumerate(act)}
             if live:
-                self._batch.batch_fill_next_token_bitmask([ms[i] for i in live], masks,
-                                                          indices=[pos[i] for i in live])
-            for i in act:
+                self._batch.batch_fill_next_token_bitmask([ms[act[j]] for j in live], masks, indices=live)
+            for j, i in enumerate(act):
                 if ended[i]:
-                    masks[pos[i]] = self.stop_only
+                    masks[j] = self.stop_only
             masks &= self.keep
-            for i in act:
-                walks[i].masks[k] = masks[pos[i]]
-            rows = [i for i in act if k < logits[i].shape[0]]
-            if not rows:
-                continue
-            sub = torch.stack([logits[i][k] for i in rows])  # [k_rows, V]
-            self.applier.apply(sub, torch.stack([masks[pos[i]] for i in rows]))
-            for j, i in enumerate(rows):
-                logits[i][k].copy_(sub[j])
-            toks = choose(rows, sub)
-            for i, t in zip(rows, toks):
-                walks[i].drafts.append(int(t))
+            for j, i in enumerate(act):
+                walks[i].masks[k] = masks[j]
+                if k == host[i].shape[0]:
+                    continue
+                row = host[i][k: k + 1]  # [1, V] view
+                mask = masks[j: j + 1].numpy()
+                t = int(row[0].argmax()) if qs[i] is None else -1
+                if t < 0 or not _allows(mask[0], t):  # greedy with its argmax allowed needs no mask
+                    apply_np(row, mask)  # masked in place
+                    if qs[i] is None:
+                        t = int(row[0].argmax())
+                    else:
+                        t = _sample(row[0], samplings[i].temperature, generators[i], qs[i][k])
+                walks[i].drafts.append(t)
                 if ended[i]:
                     continue
-                if not ms[i].accept_token(int(t)):
+                if not ms[i].accept_token(t):
                     raise RuntimeError(f"grammar refused its own masked draft token {t}")
                 walks[i].advanced += 1
                 ended[i] = ms[i].is_terminated()
-        return walks
+        out = []
+        for i, w in enumerate(walks):
+            q = None if qs[i] is None else torch.from_numpy(qs[i]).to(logits[i].device)
+            out.append((w, q))
+        return out
 
     def walk(self, request_id: str, drafts: list[int]) -> DraftWalk:
         """Drafts proposed without the grammar: advance over them while the grammar accepts them. Row j's mask
@@ -199,6 +222,26 @@ class StructuredDecoder:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _allows(mask_row: np.ndarray, token: int) -> bool:
+    """mask_row [W] int32: is token allowed?"""
+    return bool((int(mask_row[token >> 5]) >> (token & 31)) & 1)
+
+
+def _sample(row: np.ndarray, temperature: float, generator: Any, q_out: np.ndarray) -> int:
+    """A token from softmax(row / temperature) (forbidden = -inf -> 0); the distribution goes to q_out."""
+    x = row / max(float(temperature), 1e-5)
+    x -= x.max()
+    np.exp(x, out=q_out)
+    q_out /= q_out.sum()
+    u = float(torch.rand(1, generator=generator))
+    cdf = np.cumsum(q_out, dtype=np.float64)
+    t = int(np.searchsorted(cdf, u * cdf[-1], side="right"))
+    t = min(t, len(q_out) - 1)
+    while q_out[t] == 0.0:  # u at a boundary of a zero-probability run: step back to an allowed token
+        t -= 1
+    return t
 
 
 def build_decoder(tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -> StructuredDecoder | None:

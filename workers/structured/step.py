@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 
-from workers.engine.sampling import RowParams, processed_probs, sample
 from workers.speculative.proposer import Draft
 from workers.structured.decoding import DraftWalk, StructuredDecoder
 
@@ -40,25 +39,12 @@ class GrammarStep:
 
     # ---- drafting (workers.speculative.proposer.DraftGuide) ----
     def draw(self, requests: list[Any], logits: list[torch.Tensor]) -> list[Draft]:
-        samplings = [r.sampling for r in requests]
-        q_rows: dict[int, list[torch.Tensor]] = {}
-
-        def choose(which: list[int], sub: torch.Tensor) -> list[int]:
-            toks = sub.argmax(-1).tolist()  # [k]: greedy rows keep these
-            stoch = [j for j, i in enumerate(which) if not samplings[i].greedy]
-            if stoch:
-                q = processed_probs(sub[stoch], RowParams.build([samplings[which[j]] for j in stoch], sub.device))
-                for r, j in enumerate(stoch):
-                    i = which[j]
-                    toks[j] = int(sample(q[r: r + 1], [requests[i].generator])[0])
-                    q_rows.setdefault(i, []).append(q[r])
-            return toks
-
-        walks = self.d.draft([r.request_id for r in requests], logits, choose)
+        drawn = self.d.draft([r.request_id for r in requests], logits, [r.sampling for r in requests],
+                             [r.generator for r in requests])
         out = []
-        for i, (r, walk) in enumerate(zip(requests, walks)):
+        for r, (walk, q) in zip(requests, drawn):
             self.walks[r.request_id] = walk
-            out.append(Draft(walk.drafts, torch.stack(q_rows[i]) if i in q_rows else None))  # probs [n, V]
+            out.append(Draft(walk.drafts, q))  # q [n, V]: what the drafts were sampled from (None = greedy)
         return out
 
     def walk_unguided(self, drafts: dict[str, Draft]) -> None:
@@ -73,6 +59,7 @@ class GrammarStep:
         ar_pos = {rid: j for j, rid in enumerate(self.ar)}
         rows: list[int] = []
         masks: list[torch.Tensor] = []
+        greedy: list[bool] = []
         for it, r0, n in zip(items, starts, n_rows):
             rid = it.seq.request_id
             if rid not in self.ids or n == 0:
@@ -80,10 +67,12 @@ class GrammarStep:
             if rid in self.walks:
                 rows.extend(range(r0, r0 + n))
                 masks.extend(self.walks[rid].masks[:n])
+                greedy.extend([it.seq.sampling.greedy] * n)
             elif rid in ar_pos:
                 rows.append(r0)
                 masks.append(ar_masks[ar_pos[rid]])
-        self.d.mask_target(logits, rows, masks)
+                greedy.append(it.seq.sampling.greedy)
+        self.d.mask_target(logits, rows, masks, greedy)
 
     # ---- commit ----
     def commit_all(self, results: dict[str, Any]) -> None:
