@@ -19,9 +19,6 @@ The figures printed here are the ones in docs/placement.md ("Several nodes").
 from __future__ import annotations
 
 import asyncio
-import json
-import re
-import socket
 import time
 
 import httpx
@@ -34,12 +31,10 @@ from cluster.planning.topology import get_node
 from orchestrator.config import MockProfile
 from orchestrator.mock_engine import MockEngineRecipe
 from tests.helpers.multinode import gpu_node_ids, multinode_cluster
-from tests.helpers.serving import mock_config, wait_healthy
+from tests.helpers.node_loss import fleet_config, last_event, metric, node_loss, placement, start_fleet
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-CHAT = "/v1/chat/completions"
-AUTH = {"authorization": "Bearer key-a"}
 REPLICAS, TP, MAX_ONGOING = 8, 2, 4
 
 
@@ -82,60 +77,15 @@ async def test_two_node_plan_placed_one_node_per_group(mn):
 # the Serve application on the cluster
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app(mn, tmp_path_factory):
-    from orchestrator.app import start_local, stop_local
+    from orchestrator.app import stop_local
 
-    cfg = mock_config(
-        tmp_path_factory.mktemp("multinode"), http={"port": _free_port()}, drain_timeout_s=5,
-        limits={"retry_after_s": 2, "queue_timeout_s": 20},
-        replicas=[{"count": REPLICAS, "tp": TP, "num_gpus": 1, "max_ongoing_requests": MAX_ONGOING,
-                   "max_num_seqs": MAX_ONGOING,
-                   "mock": {"step_ms": 30, "acceptance": 0.5, "vram_total_bytes": 288 * 10**9}}])
     t0 = time.monotonic()
-    url = start_local(cfg, init_ray=False, proxy_location="HeadOnly")  # raylets here share one IP
-    wait_healthy(url, 180)
+    url = start_fleet(fleet_config(tmp_path_factory.mktemp("multinode"), REPLICAS, TP, MAX_ONGOING))
     print(f"\nmultinode app: {REPLICAS} x TP{TP} replicas up {time.monotonic() - t0:.1f} s after start_local")
     yield url
     stop_local(shutdown_ray=False)
-
-
-def placement() -> dict[str, dict]:
-    """replica id -> {"ranks": [(node, gpu)], "bundle_nodes": [...]} from the running actors and the GCS."""
-    import ray
-    from ray.util import placement_group_table
-
-    out: dict[str, dict] = {}
-    for a in ray.util.list_named_actors(all_namespaces=True):
-        m = re.fullmatch(r"specfleet-(\w+)-\w+-g\d+-rank(\d+)", a["name"])
-        if not m:
-            continue
-        try:
-            ping = ray.get(ray.get_actor(a["name"], namespace=a["namespace"]).ping.remote(), timeout=30)
-        except Exception:  # dying with its node
-            continue
-        out.setdefault(m.group(1), {"ranks": {}, "bundle_nodes": []})["ranks"][int(m.group(2))] = (
-            ping["node_id"], ping["gpu_ids"][0])
-    for pg in placement_group_table().values():
-        m = re.fullmatch(r"SERVE_REPLICA::\w+#ModelReplica#(\w+)", pg.get("name") or "")
-        if m and m.group(1) in out and pg["state"] == "CREATED":
-            out[m.group(1)]["bundle_nodes"] = sorted(set(pg["bundles_to_node_id"].values()))
-    return out
-
-
-def metric(text: str, name: str, **labels) -> float | None:
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            got = dict(re.findall(r'(\w+)="([^"]*)"', line.split(" ")[0]))
-            if all(got.get(k) == v for k, v in labels.items()):
-                return float(line.rsplit(" ", 1)[1])
-    return None
 
 
 def test_serve_replicas_four_per_node_and_the_router_sees_them_all(app, mn):
@@ -174,172 +124,51 @@ def test_serve_replicas_four_per_node_and_the_router_sees_them_all(app, mn):
 # node loss under load, then rejoin
 
 
-async def _turn(c: httpx.AsyncClient, url: str, sid: str | None, text: str, max_tokens: int, stream: bool,
-                out: dict | None = None) -> dict:
-    """One turn; fills `out` as it goes (the replica as soon as the headers arrive); returns status,
-    replica, events / body, end time; never raises."""
-    headers = {**AUTH, **({"x-session-id": sid} if sid else {})}
-    body = {"model": "specfleet-demo", "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
-            "stream": stream}
-    out = {} if out is None else out
-    out.update({"sid": sid, "status": None, "replica": None, "events": [], "error": None, "t0": time.monotonic()})
-    try:
-        if stream:
-            async with c.stream("POST", url + CHAT, headers=headers, json=body) as r:
-                out["status"], out["replica"] = r.status_code, r.headers.get("x-specfleet-replica")
-                out["retry_after"] = r.headers.get("retry-after")
-                async for line in r.aiter_lines():
-                    if line.startswith("data: "):
-                        out["events"].append(line[6:])
-        else:
-            r = await c.post(url + CHAT, headers=headers, json=body)
-            out["status"], out["replica"] = r.status_code, r.headers.get("x-specfleet-replica")
-            out["retry_after"] = r.headers.get("retry-after")
-            out["body"] = r.json()
-    except Exception as exc:
-        out["error"] = repr(exc)
-    out["t_end"] = time.monotonic()
-    return out
-
-
-def _replica_nodes() -> dict[str, str]:
-    return {rid: next(iter(w["ranks"].values()))[0] for rid, w in placement().items()}
-
-
 async def test_node_lost_under_load_then_rejoins(app, mn):
-    import ray
-
-    n_sessions = 12
-    async with httpx.AsyncClient(timeout=httpx.Timeout(60.0)) as c:
-        sids = [(await c.post(app + "/v1/sessions", json={"role": "coder"}, headers=AUTH)).json()["id"]
-                for _ in range(n_sessions)]
-        rep_node = _replica_nodes()
-        ingress_before = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                          if "#Ingress#" in a["name"]}
-        for sid in sids:  # each session gets a home replica
-            assert (await _turn(c, app, sid, "warm up", 4, False))["status"] == 200
-
-        # load: every session streams long turns back to back; after the kill, one short turn each
-        kill_at: list[float] = []
-        turns: list[dict] = []
-        live: dict[str, dict] = {}
-
-        async def session_loop(sid: str):
-            i = 0
-            while True:
-                i += 1
-                after = bool(kill_at)
-                live[sid] = t = {}
-                await _turn(c, app, sid, f"{sid} turn {i}", 8 if after else 240, stream=not after, out=t)
-                t["after_kill"] = after
-                turns.append(t)
-                if after and t["status"] == 200:
-                    return
-                await asyncio.sleep(0.2 if after else 0.0)  # a 429 after the kill: try again shortly
-
-        tasks = [asyncio.create_task(session_loop(s)) for s in sids]
-        await asyncio.sleep(3.0)  # every session streaming
-        # the victim: the worker node hosting the most replicas with streams in flight
-        streaming = [t["replica"] for t in live.values() if t.get("replica") and t.get("events")]
-        victim_node = max(set(rep_node.values()), key=lambda n: sum(rep_node.get(r) == n for r in streaming))
-        victim = next(w for w in mn.workers if w.node_id == victim_node)
-        survivor = next(w.node_id for w in mn.workers if w.node_id != victim_node)
-        victims = {rid for rid, n in rep_node.items() if n == victim_node}
-        t_kill = time.monotonic()
-        kill_at.append(t_kill)
-        mn.kill(victim)  # in the main thread: Ray's node teardown installs signal handlers
-
-        # /health reports the lost capacity
-        lost_seen = None
-        extra: list[dict] = []
-        while time.monotonic() - t_kill < 30:
-            h = (await c.get(app + "/health")).json()
-            if h["replicas"]["live"] == REPLICAS - len(victims) and h["nodes"]["lost"] == 1:
-                lost_seen = time.monotonic() - t_kill
-                break
-            await asyncio.sleep(0.2)
-        assert lost_seen is not None, h
-        assert h["status"] == "degraded" and h["capacity"] == (REPLICAS - len(victims)) * MAX_ONGOING
-        text = (await c.get(app + "/metrics")).text
-        assert metric(text, "specfleet_fleet_replicas", state="live") == REPLICAS - len(victims)
-        assert metric(text, "specfleet_node_lost", node=victim_node) == 1
-        assert metric(text, "specfleet_node_replicas", node=victim_node) is None
-
-        # admission: a burst beyond what the survivors hold is refused with 429 + Retry-After
-        burst = await asyncio.gather(*[_turn(c, app, None, f"burst {i}", 120, False) for i in range(24)])
-        extra += burst
-        await asyncio.wait_for(asyncio.gather(*tasks), 60)
-        # the node rejoins: the pending replicas are placed on it, traffic returns, the app is not restarted
-        t_join = time.monotonic()
-        new = mn.add_worker()  # main thread, as kill()
-        back = traffic = None
-        while time.monotonic() - t_join < 90:
-            h = (await c.get(app + "/health")).json()
-            if back is None and h["replicas"]["live"] == REPLICAS:
-                back = time.monotonic() - t_join
-            if back is not None:
-                rep_node = _replica_nodes()
-                rs = await asyncio.gather(*[_turn(c, app, None, f"rejoin {i}", 4, False) for i in range(8)])
-                extra += rs
-                if any(rep_node.get(r["replica"] or "") == new.node_id for r in rs if r["status"] == 200):
-                    traffic = time.monotonic() - t_join
-                    break
-            await asyncio.sleep(0.5)
-        ingress_after = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                         if "#Ingress#" in a["name"]}
-        records = [(await c.get(f"{app}/v1/sessions/{sid}", headers=AUTH)) for sid in sids]
-        where_after = placement()
-
+    run = await node_loss(app, mn, replicas=REPLICAS, capacity_per_replica=MAX_ONGOING)
+    print("\nnode-loss figures: " + run.summary())
+    left = REPLICAS - len(run.victims)
+    # ---- /health and /metrics report the lost capacity
+    assert run.lost_seen_s is not None, run.health_after
+    h = run.health_after
+    assert h["status"] == "degraded" and h["capacity"] == left * MAX_ONGOING and h["nodes"]["lost"] == 1
+    assert metric(run.metrics_after, "specfleet_fleet_replicas", state="live") == left
+    assert metric(run.metrics_after, "specfleet_node_lost", node=run.victim_node) == 1
+    assert metric(run.metrics_after, "specfleet_node_replicas", node=run.victim_node) is None
     # ---- in-flight streams on the lost node: an error event within 5 s
-    crossed = [t for t in turns if not t["after_kill"] and t["t_end"] > t_kill]
-    on_victim = [t for t in crossed if t["replica"] in victims]
-    assert on_victim, "no stream was running on the killed node"
-    ends = [t["t_end"] - t_kill for t in on_victim]
-    for t in on_victim:
+    assert run.on_victim, "no stream was running on the killed node"
+    for t in run.on_victim:
         assert t["error"] is None and t["status"] == 200, t
-        last = json.loads(t["events"][-1])
+        last = last_event(t)
         assert last["error"]["code"] == "engine_error" and "replica failed mid-stream" in last["error"]["message"]
-    assert max(ends) < 5.0, ends
-    for t in crossed:
-        if t["replica"] not in victims:  # streams on the surviving node are untouched
-            assert t["events"][-1] == "[DONE]", t
+    assert max(run.stream_end_s) < 5.0, run.stream_end_s
+    for t in run.crossed:
+        if t["replica"] not in run.victims:  # streams on the surviving node are untouched
+            assert last_event(t) == "[DONE]", t
     # ---- the affected sessions' next turns: served on the surviving node within 10 s
-    affected = {t["sid"] for t in on_victim}
-    served = {}
-    for t in turns:
-        if t["after_kill"] and t["sid"] in affected and t["status"] == 200:
-            served.setdefault(t["sid"], (t["t_end"] - t_kill, t["replica"]))
-    assert set(served) == affected, (affected, served)
-    assert max(s for s, _ in served.values()) < 10.0, served
-    assert all(r not in victims for _, r in served.values())
+    nxt = run.next_turn
+    assert set(nxt) == run.affected, (run.affected, nxt)
+    assert max(s for s, _ in nxt.values()) < 10.0, nxt
+    assert all(r not in run.victims for _, r in nxt.values())
     # ---- no 5xx for new requests, 429 + Retry-After beyond the survivors' capacity
-    after = [t for t in turns if t["after_kill"]] + extra
-    codes = [t["status"] for t in after]
-    assert all(t["error"] is None for t in after), [t["error"] for t in after if t["error"]][:3]
+    codes = [t["status"] for t in run.after]
+    assert all(t["error"] is None for t in run.after), [t["error"] for t in run.after if t["error"]][:3]
     assert not [s for s in codes if s >= 500], codes
-    refused = [t for t in burst if t["status"] == 429]
+    refused = [t for t in run.burst if t["status"] == 429]
     assert refused and all(int(t["retry_after"]) >= 1 for t in refused)
     assert all(t["body"]["error"]["code"] == "fleet_at_capacity" for t in refused)
-    assert sum(t["status"] == 200 for t in burst) <= (REPLICAS - len(victims)) * MAX_ONGOING
+    assert sum(t["status"] == 200 for t in run.burst) <= left * MAX_ONGOING
     # ---- no session lost: every one is in the registry, the affected ones with the failed turn and the move
-    assert all(r.status_code == 200 for r in records)
-    for r in records:
-        s = r.json()
-        assert s["turns"] >= 3, s  # warm-up, the turn across the kill, the next one
-        if s["id"] in affected:
-            hist = [(h["replica"], h["finish_reason"]) for h in s["replica_history"]]
-            assert any(rep in victims and fin == "error" for rep, fin in hist), hist
-            assert hist[-1][0] not in victims and hist[-1][1] == "length", hist
+    assert len(run.sessions) == 12
+    for s in run.sessions:
+        assert s.get("turns", 0) >= 3, s  # warm-up, the turn across the kill, the next one
+        if s["id"] in run.affected:
+            hist = [(x["replica"], x["finish_reason"]) for x in s["replica_history"]]
+            assert any(rep in run.victims and fin == "error" for rep, fin in hist), hist
+            assert hist[-1][0] not in run.victims and hist[-1][1] == "length", hist
     # ---- rejoin: capacity back and traffic on the new node within 60 s, no app restart
-    assert back is not None and back < 60.0, back
-    assert traffic is not None and traffic < 60.0, traffic
-    assert ingress_after == ingress_before
-    assert sorted(len(v) for v in _by_node(
-        (next(iter(w["ranks"].values()))[0], rid) for rid, w in where_after.items()).values()) == [4, 4]
-    print(f"\nnode-loss figures: {len(victims)} replicas on the killed node, {len(on_victim)} stream(s) on it "
-          f"ended with an error event {min(ends):.2f}-{max(ends):.2f} s after the kill; /health showed the lost "
-          f"capacity {lost_seen:.2f} s after it; the {len(affected)} affected sessions' next turns were served on "
-          f"the surviving node {min(s for s, _ in served.values()):.2f}-{max(s for s, _ in served.values()):.2f} s "
-          f"after it; {len(after)} requests after the kill: {codes.count(200)} x 200, {codes.count(429)} x 429, "
-          f"0 x 5xx; {n_sessions}/{n_sessions} sessions kept; rejoin: {REPLICAS} replicas live again "
-          f"{back:.1f} s and traffic on the new node {traffic:.1f} s after add_node; survivor {survivor[:8]}")
+    assert run.back_s is not None and run.back_s < 60.0, run.back_s
+    assert run.traffic_s is not None and run.traffic_s < 60.0, run.traffic_s
+    assert run.ingress_after == run.ingress_before
+    per_node = _by_node((next(iter(w["ranks"].values()))[0], rid) for rid, w in run.placement_after.items())
+    assert sorted(len(v) for v in per_node.values()) == [4, 4] and run.new_node in per_node

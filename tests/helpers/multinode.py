@@ -35,9 +35,10 @@ class MultiNode:
         self.workers.append(node)
         return node
 
-    def kill(self, node: Any) -> None:
-        """The node disappears (raylet and all its workers SIGKILLed), as when a machine dies."""
-        self.cluster.remove_node(node, allow_graceful=False)
+    def kill(self, node: Any, graceful: bool = False) -> None:
+        """The node disappears: raylet and all its workers SIGKILLed, as when a machine dies; or, with
+        graceful, SIGTERMed first (a pod deleted / a node drained). Call from the main thread."""
+        self.cluster.remove_node(node, allow_graceful=graceful)
         self.workers.remove(node)
 
 
