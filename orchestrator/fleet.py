@@ -138,6 +138,23 @@ class ReplicaDirectory(Protocol):
     def replicas(self) -> list[ReplicaSeen] | None: ...
 
 
+FLEET_FIELDS = ("kv_free_tokens", "kv_total_tokens", "vram_free_bytes", "vram_total_bytes", "gpu_count",
+                "num_running", "num_waiting", "max_num_seqs", "step_ms_ar", "updated_at")
+
+
+def fleet_stats(replica_id: str, d: dict[str, Any]) -> RoutingStats | None:
+    """The part of a routing-stats report the fleet view needs (not the per-session tau tables, which
+    can hold thousands of entries: this runs on the ingress's request path)."""
+    if not d:
+        return None
+    try:
+        st = RoutingStats(replica_id, **{k: d[k] for k in FLEET_FIELDS if d.get(k) is not None})
+        st.step_ms_by_block = {int(k): float(v) for k, v in (d.get("step_ms_by_block") or {}).items()}
+        return st
+    except (TypeError, ValueError):
+        return None
+
+
 class RouterRegistry:
     """deployment (app, name) -> the request router Serve created for it in this process."""
 
@@ -168,19 +185,21 @@ class RouterDirectory:
                  own_node: str | None = None):
         self.app_name, self.deployment, self.registry = app_name, deployment, registry
         self.own_node = own_node  # the node of the process that reads it (the ingress)
+        self._cache: dict[str, tuple[dict, RoutingStats | None]] = {}  # replica -> (its stats dict, parsed)
 
     def replicas(self) -> list[ReplicaSeen] | None:
         router = self.registry.get(self.app_name, self.deployment)
         if router is None:
             return None
-        out = []
+        out, cache = [], {}
         for r in list(router.curr_replicas.values()):
-            d = dict(getattr(r, "routing_stats", None) or {})
-            try:
-                stats = RoutingStats.from_dict({**d, "replica_id": r.replica_id.unique_id}) if d else None
-            except (TypeError, ValueError):
-                stats = None
-            out.append(ReplicaSeen(r.replica_id.unique_id, str(r.node_id or ""), int(r.max_ongoing_requests), stats))
+            rid = r.replica_id.unique_id
+            d = getattr(r, "routing_stats", None) or {}
+            hit = self._cache.get(rid)
+            stats = hit[1] if hit is not None and hit[0] is d else fleet_stats(rid, d)  # parse once per report
+            cache[rid] = (d, stats)
+            out.append(ReplicaSeen(rid, str(r.node_id or ""), int(r.max_ongoing_requests), stats))
+        self._cache = cache
         return out
 
 

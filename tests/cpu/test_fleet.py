@@ -134,3 +134,27 @@ async def test_admission_refuses_beyond_live_capacity_and_health_reports_loss(tm
         assert 'specfleet_fleet_replicas{state="live"} 2.0' in m
         assert 'specfleet_admission_refused_total{reason="fleet_capacity"}' in m
     assert state.in_flight == 0
+
+
+def test_router_directory_reads_the_routers_replica_set_once_per_report():
+    from types import SimpleNamespace as NS
+
+    from orchestrator.fleet import RouterDirectory, RouterRegistry
+
+    big = RoutingStats("x", kv_free_tokens=7, gpu_count=2, vram_total_bytes=80, step_ms_by_block={16: 3.0},
+                       tau_by_session={f"s{i}": (3.0, 1) for i in range(5000)}, updated_at=5.0).to_dict()
+    reps = {i: NS(replica_id=NS(unique_id=f"r{i}"), node_id=f"n{i % 2}", max_ongoing_requests=4,
+                  routing_stats=big if i else {}) for i in range(3)}
+    reg = RouterRegistry()
+    assert RouterDirectory("app", "ModelReplica", reg).replicas() is None  # no router yet: unknown
+    reg.attach(NS(_deployment_id=NS(app_name="app", name="ModelReplica"), curr_replicas=reps))
+    d = RouterDirectory("app", "ModelReplica", reg)
+    first = d.replicas()
+    assert [(r.replica_id, r.node_id, r.max_ongoing_requests) for r in first] == [
+        ("r0", "n0", 4), ("r1", "n1", 4), ("r2", "n0", 4)]
+    assert first[0].stats is None  # not reported yet
+    s1 = first[1].stats
+    assert (s1.kv_free_tokens, s1.gpu_count, s1.step_ms_by_block, s1.tau_by_session) == (7, 2, {16: 3.0}, {})
+    assert d.replicas()[1].stats is s1  # the same report is not parsed again (request path)
+    reps[1].routing_stats = {**big, "kv_free_tokens": 1}
+    assert d.replicas()[1].stats.kv_free_tokens == 1
