@@ -39,7 +39,10 @@ def register(subparsers) -> None:
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--gamma", type=float, default=7.0, help="loss weight exp(-(k-1)/gamma)")
-    p.add_argument("--loss-vocab", choices=("full", "restricted"), default="full")
+    p.add_argument("--loss-vocab", choices=("draft", "full", "restricted"), default="draft",
+                   help="draft: the drafter's own draft vocabulary (--draft-vocab-size most frequent response tokens, "
+                        "written as draft_vocab.json; it drafts from these when served)")
+    p.add_argument("--draft-vocab-size", type=int, default=8192)
     p.add_argument("--negatives", type=int, default=4096, help="sampled ids with --loss-vocab restricted")
     p.add_argument("--row-sampling", action="store_true",
                    help="loss on rows drawn with probability exp(-(k-1)/gamma) (about 45%% of the lm_head cost)")
@@ -71,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _term)
     tc = TrainConfig(minutes=args.minutes, max_steps=args.max_steps, seqs_per_step=args.seqs_per_step,
                      anchors_per_seq=args.anchors_per_seq, lr=args.lr, warmup=args.warmup, gamma=args.gamma,
-                     loss_vocab=args.loss_vocab, n_negatives=args.negatives, row_sampling=args.row_sampling,
+                     loss_vocab=args.loss_vocab, draft_vocab_size=args.draft_vocab_size, n_negatives=args.negatives, row_sampling=args.row_sampling,
                      eval_minutes=args.eval_minutes,
                      ckpt_minutes=args.ckpt_minutes, seed=args.seed, mix=parse_mix(args.mix), autocast=args.autocast)
     rc = RunConfig(target=args.target, corpus=args.corpus, out=args.out, work_dir=args.work_dir,

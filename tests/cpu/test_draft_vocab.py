@@ -77,3 +77,25 @@ def test_draft_vocab_from_a_corpus_keeps_the_most_frequent_and_eos(tmp_path):
     assert ids == [2, 5, 6, 7] and total == 105 and coverage == pytest.approx(97 / 105)
     ids, coverage, _ = draft_vocab(tmp_path / "c", 10)
     assert ids == [2, 5, 6, 7, 8, 9] and coverage == 1.0
+
+
+def test_training_loss_over_the_draft_vocabulary_skips_labels_outside(tmp_path):
+    """step_loss with loss_vocab="draft": the CE over the draft vocabulary's rows of the lm_head, rows whose
+    label is outside it dropped; equal to the loss computed by hand on those rows."""
+    from workers.training.data import make_batch
+    from workers.training.loss import fused_linear_ce
+    from workers.training.train import TrainConfig, step_loss
+
+    _, lm = tiny_engine(tmp_path / "t", "llama", drafter_block=None)
+    d = tiny_drafter(lm.config, block_size=4).train()
+    d.draft_vocab = torch.arange(0, lm.config.vocab_size, 2)  # even ids only
+    from workers.training.data import Sample
+
+    toks = torch.randint(4, lm.config.vocab_size, (40,))
+    batch = make_batch([Sample("s", "math", toks, 5, "stop")], [list(range(5, 20))], 4, 3, None)
+    cfg = TrainConfig(minutes=1, loss_vocab="draft", autocast="off")
+    loss, m = step_loss(d, lm.model, batch, cfg, autocast=False)
+    labels = batch.labels[batch.labels != -100]
+    assert 0 < m["rows"] < len(labels)  # odd labels dropped
+    assert m["rows"] == int((labels % 2 == 0).sum())
+    assert torch.isfinite(loss) and loss.item() > 0

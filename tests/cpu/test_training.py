@@ -303,12 +303,17 @@ def test_training_exports_resumes_and_refuses_mismatches(tiny_corpus, tmp_path):
     tcfg = ModelConfig.from_hf(json.loads((target / "config.json").read_text()))
     d = load_drafter(tmp_path / "drafter", tcfg)
     assert d.config.block_size == 4 and d.config.mask_token_id == 3
+    # default loss over the drafter's draft vocabulary: exported beside it, what the engine drafts from
+    dv = json.loads((tmp_path / "drafter" / "draft_vocab.json").read_text())["token_ids"]
+    assert d.draft_vocab.tolist() == dv and s1["drafter"]["draft_vocab"]["size"] == len(dv)
+    assert "draft vocabulary: the" in (tmp_path / "drafter" / "README.md").read_text()
     card = (tmp_path / "drafter" / "README.md").read_text()
     assert "tau vs training time" in card and "training.json" not in card
     assert json.loads((tmp_path / "drafter" / "training.json").read_text())["step"] == 6
-    # resume: continues at step 6 with the sampler where it stopped
+    # resume: continues at step 6 with the sampler where it stopped (and the draft vocabulary it started with)
     s2 = run_training(_rc(target, corpus, tmp_path, steps=9))
     assert s2["step"] == 9 and [h["step"] for h in s2["history"]] == [0, 3, 6, 9]
+    assert json.loads((tmp_path / "drafter" / "draft_vocab.json").read_text())["token_ids"] == dv
     log = [json.loads(line) for line in (tmp_path / "work" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "step" in r and "loss" in r and "eval" not in r] == list(range(1, 10))
     # a checkpoint for another drafter shape / another target is refused, naming the mismatch
@@ -330,6 +335,7 @@ def test_training_options_restricted_loss_mix_init_from_target(tiny_corpus, tmp_
                          train={"loss_vocab": "restricted", "n_negatives": 8, "mix": {"coder": 2.0, "math": 1.0},
                                 "row_sampling": True}))
     assert s["step"] == 4 and s["drafter"]["init"].startswith("layers copied from target layers [2, 3]")
+    assert not (tmp_path / "drafter" / "draft_vocab.json").exists()  # restricted loss: full-vocabulary drafting
     with pytest.raises(ValueError, match="no training data"):
         run_training(_rc(target, corpus, tmp_path / "m", steps=1, train={"mix": {"planner": 1.0}}))
 

@@ -48,7 +48,7 @@ def render_card(s: dict) -> str:
         f"* Training: {s['step']:,} steps, {s['train_minutes']:.1f} min of training "
         f"({tc['seqs_per_step']} sequences x {tc['anchors_per_seq']} anchors x {d['block_size']} rows per step), "
         f"AdamW lr {tc['lr']:g} cosine to {tc['min_lr_frac']:g}x, gamma {tc['gamma']:g}, loss over the "
-        f"{'full vocabulary' if tc['loss_vocab'] == 'full' else 'response vocabulary + %d negatives' % tc['n_negatives']}"
+        f"{_loss_vocab(tc, d)}"
         f"{' (rows sampled by weight)' if tc.get('row_sampling') else ''}"
         f"; init: {d.get('init')}; data mix: {tc.get('mix') or 'as in the corpus'}; epochs per category: "
         f"{s.get('data', {}).get('epochs')}.",
@@ -115,3 +115,13 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _loss_vocab(tc: dict, d: dict) -> str:
+    if tc.get("loss_vocab") == "draft" and d.get("draft_vocab"):
+        dv = d["draft_vocab"]
+        return (f"draft vocabulary: the {dv['size']} most frequent response tokens ({dv['coverage']:.2%} of the "
+                f"training responses; draft_vocab.json — it drafts from these only)")
+    if tc.get("loss_vocab") == "full":
+        return "full vocabulary"
+    return "response vocabulary + %d negatives" % tc["n_negatives"]

@@ -64,7 +64,9 @@ def sample_acceptance(drafter, target, sample: Sample, max_new_tokens: int | Non
         b = make_batch([sample], [an], B, c.mask_token_id, [blen])
         h = blocks_forward(drafter, F.embedding(b.block_ids.to(dev), emb_w), feats[:, : b.tokens.shape[1]],
                            b.anchors.to(dev), b.block_len.to(dev))
-        pred = argmax_rows(h, head_w).view(len(an), B).cpu()
+        dv = getattr(drafter, "draft_vocab", None)  # drafts come from the draft vocabulary, as served
+        pred = (argmax_rows(h, head_w) if dv is None else dv[argmax_rows(h, head_w[dv.to(head_w.device)])])
+        pred = pred.view(len(an), B).cpu()
         lab = b.labels.view(len(an), B)
         match = (pred[:, 1:] == lab[:, 1:]) & (lab[:, 1:] != IGNORE)
         out.extend(torch.cumprod(match.int(), dim=1).sum(1).tolist())

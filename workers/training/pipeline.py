@@ -158,8 +158,13 @@ def export(drafter, out: Path, summary: dict) -> None:
             summary["engine_acceptance"] = prev["engine_acceptance"]
     (tmp / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
     (tmp / "README.md").write_text(render_card(summary))
-    for name in ("model.safetensors", "config.json", "training.json", "README.md"):
-        os.replace(tmp / name, out / name)
+    from workers.models.dflash import DRAFT_VOCAB_FILE
+
+    for name in ("model.safetensors", "config.json", "training.json", "README.md", DRAFT_VOCAB_FILE):
+        if (tmp / name).is_file():
+            os.replace(tmp / name, out / name)
+        elif name == DRAFT_VOCAB_FILE and (out / name).is_file():
+            (out / name).unlink()  # this export drafts from the full vocabulary
     tmp.rmdir()
 
 
@@ -222,10 +227,21 @@ def run_training(rc: RunConfig) -> dict:
     drafter = drafter.to(target.lm_head.weight.device)
     meta = {"target_sha256": sha, "vocab_size": tcfg.vocab_size, "corpus": str(corpus),
             "init": init if not ckpt.exists() else None}
+    old_meta = {}
     if ckpt.exists():
         from workers.training.train import load_checkpoint
 
-        meta["init"] = load_checkpoint(ckpt).get("meta", {}).get("init", "unknown")
+        old_meta = load_checkpoint(ckpt).get("meta", {})
+        meta["init"] = old_meta.get("init", "unknown")
+    if rc.train.loss_vocab == "draft":  # the run keeps the vocabulary it started with (the corpus may grow)
+        from workers.training.draft_vocab import draft_vocab
+
+        dv_ids, coverage, _ = draft_vocab(corpus, rc.train.draft_vocab_size)
+        if old_meta.get("draft_vocab"):
+            dv_ids = old_meta["draft_vocab"]["token_ids"]
+            coverage = old_meta["draft_vocab"]["coverage"]
+        meta["draft_vocab"] = {"token_ids": dv_ids, "coverage": round(coverage, 5)}
+        drafter.draft_vocab = torch.tensor(dv_ids, dtype=torch.long, device=target.lm_head.weight.device)
     rc.train.log_path = rc.train.log_path or str(work / "train_log.jsonl")
     max_new = manifest.generation.get("max_new_tokens")
     counts = manifest.counts()
@@ -238,6 +254,8 @@ def run_training(rc: RunConfig) -> dict:
         return {
             "out": str(out), "target": {"name": rc.target, "sha256": sha, "layers": tcfg.num_hidden_layers},
             "drafter": {"layers": rc.layers, "block_size": rc.block_size, "target_layer_ids": ids,
+                        "draft_vocab": ({"size": len(meta["draft_vocab"]["token_ids"]),
+                                         "coverage": meta["draft_vocab"]["coverage"]} if "draft_vocab" in meta else None),
                         "mask_token_id": mask_id, "mask_token": tok.convert_ids_to_tokens(mask_id) if tok else None,
                         "init": meta["init"]},
             "corpus": {"path": str(corpus), "records": manifest.num_records,

@@ -45,7 +45,11 @@ class TrainConfig:
     weight_decay: float = 0.01
     gamma: float = 7.0  # loss weight exp(-(k-1)/gamma)
     grad_clip: float = 1.0
-    loss_vocab: str = "full"  # full | restricted (response tokens + n_negatives sampled ids)
+    # draft: the drafter's own draft vocabulary (the draft_vocab_size most frequent response tokens, what it will
+    # draft from when served; rows whose label is outside are not trained) | full | restricted (response
+    # tokens + n_negatives sampled ids)
+    loss_vocab: str = "draft"
+    draft_vocab_size: int = 8192
     n_negatives: int = 4096
     loss_chunk: int = 256  # rows per lm_head chunk ([256, V] fp32 logits stay cache-sized)
     row_sampling: bool = False  # loss on rows drawn with probability exp(-(k-1)/gamma) instead of weighting all
@@ -59,8 +63,10 @@ class TrainConfig:
     log_path: str | None = None
 
     def __post_init__(self):
-        if self.loss_vocab not in ("full", "restricted"):
-            raise ValueError(f"loss_vocab must be 'full' or 'restricted', got {self.loss_vocab!r}")
+        if self.loss_vocab not in ("draft", "full", "restricted"):
+            raise ValueError(f"loss_vocab must be 'draft', 'full' or 'restricted', got {self.loss_vocab!r}")
+        if self.draft_vocab_size < 2:
+            raise ValueError(f"draft_vocab_size must be >= 2, got {self.draft_vocab_size}")
         if self.minutes <= 0 or self.seqs_per_step < 1 or self.anchors_per_seq < 1:
             raise ValueError("minutes, seqs_per_step and anchors_per_seq must be positive")
 
@@ -113,7 +119,17 @@ def step_loss(drafter, target, batch, cfg: TrainConfig, autocast: bool, vocab: t
     k, w = k_all[sel], w_all[sel]
     target_ids = labels[sel]
     head = target.lm_head.weight
-    if vocab is not None:  # restricted: response vocabulary + fresh negatives
+    if cfg.loss_vocab == "draft" and drafter.draft_vocab is not None:  # the served draft vocabulary
+        dv = drafter.draft_vocab.to(dev)
+        index = torch.full((head.shape[0],), -1, dtype=torch.long, device=dev)
+        index[dv] = torch.arange(len(dv), device=dev)
+        inside = index[target_ids] >= 0  # a label outside the draft vocabulary cannot be drafted: not trained
+        rows = sel.nonzero(as_tuple=True)
+        sel = torch.zeros_like(sel)
+        sel[rows[0][inside], rows[1][inside]] = True
+        k, w, target_ids = k[inside], w[inside], index[target_ids[inside]]
+        head = head[dv]
+    elif vocab is not None:  # restricted: response vocabulary + fresh negatives
         others = torch.ones(head.shape[0], dtype=torch.bool, device=dev)
         others[vocab] = False
         others = others.nonzero().squeeze(1)
