@@ -2,7 +2,7 @@
 
 Per replica, from what each stream reports: accepted length per target pass (histogram), tokens,
 decode speed, KV and VRAM headroom, queue depth; per route reason: decisions; per endpoint: requests
-by status and latency. A private registry per server keeps tests independent.
+by HTTP status (every response) and latency; turns by outcome. A private registry per server keeps tests independent.
 """
 from __future__ import annotations
 
@@ -35,8 +35,11 @@ class Metrics:
         self.routes = Counter("specfleet_route_decisions", "Routing decisions", ["replica", "reason"], registry=r)
         self.spec_decisions = Counter("specfleet_spec_decisions", "Speculation decisions (block size or off)",
                                       ["decision"], registry=r)
-        self.requests = Counter("specfleet_requests", "HTTP requests by endpoint and status",
+        self.requests = Counter("specfleet_requests", "HTTP responses by endpoint and HTTP status code, whatever "
+                                "answered (validation 400, auth 401, body limit 413, admission 429, 5xx)",
                                 ["endpoint", "status"], registry=r)
+        self.turns = Counter("specfleet_turns", "Admitted generation turns by outcome (ok, error: the replica "
+                             "failed, aborted: the client went away)", ["endpoint", "outcome"], registry=r)
         self.latency = Histogram("specfleet_request_latency_seconds", "End-to-end request latency", ["endpoint"],
                                  buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=r)
         # the fleet as the ingress sees it (orchestrator/fleet.py), refreshed at every scrape

@@ -8,12 +8,15 @@ the whole `specfleet serve` process loses nothing that was acknowledged.
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import sqlite3
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("specfleet.sessions")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -44,6 +47,7 @@ class SessionRegistry:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
+        self._db.text_factory = _text  # a row written by an older version with bad bytes still reads
         self._lock = threading.Lock()
         with self._lock:
             if path != ":memory:":
@@ -118,7 +122,7 @@ class SessionRegistry:
         args.append(limit)
         with self._lock:
             rows = self._db.execute(q, args).fetchall()
-        return [_session_dict(r) for r in rows]
+        return [_session_dict(r) for r in rows]  # never raises for one row's content (see _session_dict)
 
     def delete(self, owner: str, sid: str) -> bool:
         with self._lock:
@@ -173,7 +177,7 @@ class SessionRegistry:
             return None
         by_role: dict[str, dict[str, Any]] = {}
         for r in rows:
-            agg = by_role.setdefault(r["role"] or "", {"sessions": 0, "turns": 0, "completion_tokens": 0,
+            agg = by_role.setdefault(clean_text(r["role"] or ""), {"sessions": 0, "turns": 0, "completion_tokens": 0,
                                                         "target_passes": 0})
             agg["sessions"] += 1
             agg["turns"] += r["turns"]
@@ -194,13 +198,49 @@ class SessionRegistry:
         }
 
 
+def _text(raw: bytes) -> str:
+    """SQLite TEXT -> str: bytes that are not UTF-8 become U+FFFD instead of failing the whole query."""
+    return raw.decode("utf-8", "replace")
+
+
+def clean_text(value: Any) -> Any:
+    """`value` with every string (and key) made encodable: lone UTF-16 surrogates, which the edge now refuses but
+    an older version stored (`"\\ud800"` in metadata JSON), become U+FFFD, so one such row cannot make a listing,
+    a session or a team unreadable (its JSON response would fail to encode)."""
+    if isinstance(value, str):
+        return "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in value) if unencodable(value) else value
+    if isinstance(value, dict):
+        return {clean_text(k): clean_text(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [clean_text(v) for v in value]
+    return value
+
+
+def unencodable(s: str) -> bool:
+    """True for a str that holds a lone UTF-16 surrogate (cannot be encoded as UTF-8)."""
+    try:
+        s.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+def _metadata(raw: Any, sid: str) -> dict:
+    try:
+        value = json.loads(raw) if raw else {}
+    except (TypeError, ValueError):
+        log.warning("session %s: unreadable metadata replaced by {}", sid)
+        return {}
+    return clean_text(value) if isinstance(value, dict) else {}
+
+
 def _session_dict(r: sqlite3.Row) -> dict:
     spec = None
     if r["spec_enabled"] is not None:
         spec = {"enabled": bool(r["spec_enabled"]), "block_size": r["spec_block"]}
     return {
-        "id": r["id"], "object": "session", "role": r["role"], "team": r["team"],
-        "metadata": json.loads(r["metadata"]), "created": int(r["created"]), "updated": int(r["updated"]),
+        "id": r["id"], "object": "session", "role": clean_text(r["role"]), "team": clean_text(r["team"]),
+        "metadata": _metadata(r["metadata"], r["id"]), "created": int(r["created"]), "updated": int(r["updated"]),
         "turns": r["turns"], "prompt_tokens": r["prompt_tokens"], "completion_tokens": r["completion_tokens"],
         "target_passes": r["target_passes"],
         "tau": (r["completion_tokens"] / r["target_passes"]) if r["target_passes"] else None,

@@ -1,8 +1,8 @@
 """Chat messages (+ tools) -> prompt text, through the model's chat template.
 
-History checks (400 naming the field): a `tool` message needs a `tool_call_id` that matches a call of an
-earlier assistant message; `tool_calls` only on assistant messages, with unique ids and arguments that are a
-JSON object.
+History checks (400 naming the field): a `tool` message's `tool_call_id` must match a call of an earlier
+assistant message; tool call ids are unique and their arguments a JSON object. (Which fields each role may
+carry is checked at the edge: orchestrator/api/schemas.py types messages per role.)
 
 Tools reach the model in one of two ways:
 - native: the model's template renders `tools`, assistant `tool_calls` and `tool` messages itself and asks for
@@ -53,16 +53,11 @@ def history(messages: list[Any]) -> list[dict]:
     calls: dict[str, str] = {}  # tool_call id -> function name
     for i, m in enumerate(messages):
         role = "system" if m.role == "developer" else m.role
-        if m.tool_calls and m.role != "assistant":
-            raise APIError(400, "tool_calls are only valid on assistant messages", param=f"messages.{i}.tool_calls",
-                           code="invalid_value")
-        if m.tool_call_id is not None and m.role != "tool":
-            raise APIError(400, "tool_call_id is only valid on tool messages", param=f"messages.{i}.tool_call_id",
-                           code="invalid_value")
         msg: dict[str, Any] = {"role": role, "content": m.text()}
-        if m.role == "assistant" and m.tool_calls:
+        tool_calls = getattr(m, "tool_calls", None)  # assistant messages only (typed per role at the edge)
+        if tool_calls:
             tcs = []
-            for j, tc in enumerate(m.tool_calls):
+            for j, tc in enumerate(tool_calls):
                 where = f"messages.{i}.tool_calls.{j}"
                 if tc.id in calls:
                     raise APIError(400, f"the tool call id '{tc.id}' is used twice", param=f"{where}.id",
@@ -78,10 +73,7 @@ def history(messages: list[Any]) -> list[dict]:
                 tcs.append({"id": tc.id, "type": "function",
                             "function": {"name": tc.function.name, "arguments": args}})
             msg["tool_calls"] = tcs
-        if m.role == "tool":
-            if not m.tool_call_id:
-                raise APIError(400, "a tool message needs the tool_call_id of the call it answers",
-                               param=f"messages.{i}.tool_call_id", code="missing_parameter")
+        if m.role == "tool":  # tool_call_id is required on tool messages (schemas.ToolMessage)
             if m.tool_call_id not in calls:
                 raise APIError(400, f"tool_call_id '{m.tool_call_id}' matches no tool call of an earlier assistant "
                                "message", param=f"messages.{i}.tool_call_id", code="unknown_tool_call_id")

@@ -3,10 +3,10 @@ bounded wait queue (429 + Retry-After)."""
 from __future__ import annotations
 
 import asyncio
-import json
 from collections import defaultdict
 
-from orchestrator.api.errors import error_body, too_many
+from orchestrator.api.errors import too_many
+from orchestrator.api.middleware import reply_error
 
 
 class BodySizeLimit:
@@ -23,7 +23,8 @@ class BodySizeLimit:
             try:
                 too_big = int(declared) > self.max_bytes
             except ValueError:
-                return await _reply(send, 400, "invalid Content-Length header", "invalid_request_error")
+                return await reply_error(send, 400, "invalid Content-Length header", param="content-length",
+                                         code="invalid_header")
             if too_big:
                 return await self._reject(send)
         chunks, total, more = [], 0, True
@@ -49,15 +50,8 @@ class BodySizeLimit:
         return await self.app(scope, replay, send)
 
     async def _reject(self, send):
-        await _reply(send, 413, f"request body exceeds the limit of {self.max_bytes} bytes", "invalid_request_error",
-                     code="request_too_large")
-
-
-async def _reply(send, status: int, message: str, type: str, code: str | None = None):
-    data = json.dumps(error_body(message, type, None, code)).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
-    await send({"type": "http.response.body", "body": data})
+        await reply_error(send, 413, f"request body exceeds the limit of {self.max_bytes} bytes",
+                          code="request_too_large")
 
 
 class KeyGate:

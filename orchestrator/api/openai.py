@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
 from orchestrator.api.deps import get_state, owner_of
-from orchestrator.api.errors import APIError
+from orchestrator.api.errors import APIError, error_responses
 from orchestrator.api.schemas import ChatCompletionRequest, CompletionRequest, _Sampling
 from orchestrator.api.state import ServerState
 from orchestrator.api.tools import ChatDeltas, ChatPlan, chat_message, invalid_output, output_problem, plan_chat
@@ -32,12 +32,21 @@ def _model_card(name: str) -> dict:
     return {"id": name, "object": "model", "created": 0, "owned_by": "specfleet"}
 
 
-@router.get("/v1/models")
+MODEL_ERRORS = error_responses(400, 401)
+COMPLETION_ERRORS = error_responses(400, 401, 404, 413, 429, 503)
+COMPLETION_OK = {200: {"description": "the completion (application/json), or with `stream: true` server-sent events: "
+                       "`data: {chunk}` lines, `data: [DONE]` last (a failure after the first token: one "
+                       "`data: {\"error\": {...}}` event instead)",
+                       "content": {"application/json": {"schema": {"type": "object"}},
+                                   "text/event-stream": {"schema": {"type": "string"}}}}}
+
+
+@router.get("/v1/models", responses=MODEL_ERRORS)
 async def list_models(state: ServerState = Depends(get_state), owner: str = Depends(owner_of)):
     return {"object": "list", "data": [_model_card(n) for n in state.cfg.model.served_names()]}
 
 
-@router.get("/v1/models/{model_id:path}")
+@router.get("/v1/models/{model_id:path}", responses=error_responses(400, 401, 404))
 async def get_model(model_id: str, state: ServerState = Depends(get_state), owner: str = Depends(owner_of)):
     if model_id not in state.cfg.model.served_names():
         raise APIError(404, f"the model '{model_id}' does not exist", param="model", code="model_not_found")
@@ -129,8 +138,9 @@ def _headers(turn: Turn) -> dict[str, str]:
     res = turn.result
     spec = res.spec or {}
     h = {"x-specfleet-replica": res.replica or "", "x-specfleet-route": res.route or "",
-         "x-specfleet-spec": (f"block={spec.get('block_size')}" if spec.get("enabled") else "off"),
-         "x-request-id": turn.req.request_id}
+         "x-specfleet-spec": (f"block={spec.get('block_size')}" if spec.get("enabled") else "off")}
+    if not turn.state.behind_proxy:  # Ray Serve's proxy sets x-request-id itself (one header, one value)
+        h["x-request-id"] = turn.req.client_request_id or turn.req.request_id
     if turn.session_id:
         h["x-session-id"] = turn.session_id
     return h
@@ -147,14 +157,15 @@ def _finish(reason: str | None) -> str:
 
 async def _serve(state: ServerState, owner: str, body: _Sampling, prompt: list[int], max_tokens: int | None,
                  sid: str | None, role: str | None, team: str | None, endpoint: str, chat: bool,
-                 plan: ChatPlan | None = None):
+                 plan: ChatPlan | None = None, client_request_id: str | None = None):
     _check_model(state, body)
     session, tags = _session_and_tags(state, owner, sid, role, team)
     sampling = _sampling(state, body, max_tokens, len(prompt))
     if plan is not None and plan.constraint is not None:
         sampling["structured"] = plan.constraint
-    extra = {} if plan is None else {"constrained": (plan.constraint or {}).get("kind"),
-                                     "tool_names": frozenset(plan.tool_names)}
+    extra: dict[str, Any] = {"client_request_id": client_request_id}
+    if plan is not None:
+        extra.update(constrained=(plan.constraint or {}).get("kind"), tool_names=frozenset(plan.tool_names))
     make = lambda: Turn(state, TurnRequest(owner, endpoint, prompt, sampling, _spec(body), session, tags, **extra))
     created, rid = int(time.time()), ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     if not body.stream:
@@ -248,22 +259,32 @@ def _error_event(message: str, code: str) -> str:
     return f"data: {json.dumps(err)}\n\n"
 
 
-@router.post("/v1/chat/completions")
+SESSION_HEADER = Header(None, max_length=256, description="a session id from POST /v1/sessions (404 when "
+                        "unknown or another key's); its role and team tag the request")
+ROLE_HEADER = Header(None, max_length=128, description="agent role tag of a request without a session")
+TEAM_HEADER = Header(None, max_length=128, description="team tag of a request without a session")
+REQUEST_ID_HEADER = Header(None, max_length=256, description="echoed as the x-request-id response header "
+                           "(one is made up when absent)")
+
+
+@router.post("/v1/chat/completions", responses={**COMPLETION_OK, **COMPLETION_ERRORS})
 async def chat_completions(body: ChatCompletionRequest, state: ServerState = Depends(get_state),
-                           owner: str = Depends(owner_of), x_session_id: str | None = Header(None),
-                           x_agent_role: str | None = Header(None), x_team_id: str | None = Header(None)):
+                           owner: str = Depends(owner_of), x_session_id: str | None = SESSION_HEADER,
+                           x_agent_role: str | None = ROLE_HEADER, x_team_id: str | None = TEAM_HEADER,
+                           x_request_id: str | None = REQUEST_ID_HEADER):
     _check_model(state, body)
     prompt, plan = await _chat_prompt(state, body)
     max_tokens = body.max_completion_tokens or body.max_tokens
     return await _serve(state, owner, body, prompt, max_tokens, x_session_id, x_agent_role, x_team_id,
-                        "chat", chat=True, plan=plan)
+                        "chat", chat=True, plan=plan, client_request_id=x_request_id)
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses={**COMPLETION_OK, **COMPLETION_ERRORS})
 async def completions(body: CompletionRequest, state: ServerState = Depends(get_state),
-                      owner: str = Depends(owner_of), x_session_id: str | None = Header(None),
-                      x_agent_role: str | None = Header(None), x_team_id: str | None = Header(None)):
+                      owner: str = Depends(owner_of), x_session_id: str | None = SESSION_HEADER,
+                      x_agent_role: str | None = ROLE_HEADER, x_team_id: str | None = TEAM_HEADER,
+                      x_request_id: str | None = REQUEST_ID_HEADER):
     _check_model(state, body)
     prompt = await _completion_prompt(state, body)
     return await _serve(state, owner, body, prompt, body.max_tokens, x_session_id, x_agent_role, x_team_id,
-                        "completions", chat=False)
+                        "completions", chat=False, client_request_id=x_request_id)

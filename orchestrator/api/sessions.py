@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Query
 
 from orchestrator.api.deps import get_state, owner_of
-from orchestrator.api.errors import APIError, too_many
+from orchestrator.api.errors import APIError, error_responses, too_many
 from orchestrator.api.schemas import SessionCreate
 from orchestrator.api.state import ServerState
 
@@ -16,7 +16,7 @@ def _not_found(sid: str) -> APIError:
     return APIError(404, f"session '{sid}' not found", param="session_id", code="session_not_found")
 
 
-@router.post("/v1/sessions")
+@router.post("/v1/sessions", responses=error_responses(400, 401, 413, 429))
 async def create_session(body: SessionCreate, state: ServerState = Depends(get_state), owner: str = Depends(owner_of)):
     limit = state.cfg.limits.max_sessions_per_key
     if state.registry.count(owner) >= limit:
@@ -25,13 +25,13 @@ async def create_session(body: SessionCreate, state: ServerState = Depends(get_s
     return state.registry.create(owner, body.role, body.team, body.metadata)
 
 
-@router.get("/v1/sessions")
+@router.get("/v1/sessions", responses=error_responses(400, 401))
 async def list_sessions(team: str | None = Query(None, max_length=128), limit: int = Query(100, ge=1, le=1000),
                         state: ServerState = Depends(get_state), owner: str = Depends(owner_of)):
     return {"object": "list", "data": state.registry.list(owner, team=team, limit=limit)}
 
 
-@router.get("/v1/sessions/{sid}")
+@router.get("/v1/sessions/{sid}", responses=error_responses(400, 401, 404))
 async def get_session(sid: str, state: ServerState = Depends(get_state), owner: str = Depends(owner_of)):
     s = state.registry.get(owner, sid)
     if s is None:
@@ -39,7 +39,7 @@ async def get_session(sid: str, state: ServerState = Depends(get_state), owner: 
     return s
 
 
-@router.delete("/v1/sessions/{sid}")
+@router.delete("/v1/sessions/{sid}", responses=error_responses(400, 401, 404))
 async def delete_session(sid: str, state: ServerState = Depends(get_state), owner: str = Depends(owner_of)):
     if not state.registry.delete(owner, sid):
         raise _not_found(sid)
@@ -47,7 +47,7 @@ async def delete_session(sid: str, state: ServerState = Depends(get_state), owne
     return {"id": sid, "object": "session.deleted", "deleted": True}
 
 
-@router.get("/v1/teams/{team_id}")
+@router.get("/v1/teams/{team_id}", responses=error_responses(400, 401, 404))
 async def get_team(team_id: str, state: ServerState = Depends(get_state), owner: str = Depends(owner_of)):
     t = state.registry.team(owner, team_id)
     if t is None:

@@ -115,6 +115,7 @@ class ServerState:
     spec_off_turns: dict[str, int] = field(default_factory=dict)  # session -> consecutive steered-off turns
     in_flight: int = 0
     draining: bool = False
+    behind_proxy: bool = False  # served through Ray Serve's HTTP proxy, which sets x-request-id on every response
 
     @classmethod
     def create(cls, cfg: ServeConfig, backend: Any, tokenizer: Any = None, max_model_len: int | None = None):

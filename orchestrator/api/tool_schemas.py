@@ -9,13 +9,27 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+
+def _integral(v: Any) -> Any:
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+def json_int(**constraints: Any) -> Any:
+    """JSON Schema's "integer" (what the published schema says): an int, or a number with no fraction such as 8.0.
+    The models are strict, so a string ("8"), a boolean or 8.5 is still a 400. (Constraints go before the
+    validator, or pydantic writes them into the schema under their Python names.)"""
+    return Annotated[int, Field(**constraints), BeforeValidator(_integral)]
+
+
+JSONInt = json_int()
 
 FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function and json_schema names
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
 
 
 class FunctionDefinition(_Strict):
@@ -44,7 +58,9 @@ ToolChoice = Union[Literal["none", "auto", "required"], NamedToolChoice]
 
 class FunctionCall(_Strict):
     name: str = Field(..., min_length=1, max_length=64)
-    arguments: str  # a JSON object, as text (what the API returned)
+    arguments: str = Field(..., json_schema_extra={"contentMediaType": "application/json",  # what the API returned
+                                                     "contentSchema": {"type": "object"}},
+                           description="the call's arguments: a JSON object, as text")
     parsed_arguments: Any = None  # the openai SDK sends its parse() result back; not used
 
 
@@ -52,7 +68,7 @@ class ToolCall(_Strict):
     id: str = Field(..., min_length=1, max_length=256)
     type: Literal["function"] = "function"
     function: FunctionCall
-    index: int | None = None  # present in messages assembled from a stream by the SDK
+    index: JSONInt | None = None  # present in messages assembled from a stream by the SDK
 
 
 class JSONSchemaFormat(_Strict):

@@ -1,7 +1,8 @@
 """One generation turn: per-key slot -> replica stream -> items, with the turn recorded in the session
 registry whatever happens (finished, failed, or the client gone).
 
-Admission errors become HTTP errors before any byte is sent (400 / 429 + Retry-After / 503); a replica
+Admission errors become HTTP errors before any byte is sent (400 / 429 + Retry-After / 503); the queue timeout
+covers the wait for a replica to accept the request, never the prefill; a replica
 that fails before its first item is retried (a request that produced nothing is safe to resend); a
 failure after tokens were sent ends the stream with an error event.
 """
@@ -23,6 +24,7 @@ from workers.engine.params import SpecParams
 
 log = logging.getLogger("specfleet.api")
 ATTEMPTS = 3
+DISPATCH_POLL_S = 0.25  # how often a request waiting for a replica looks whether one accepted it
 
 
 @dataclass
@@ -37,6 +39,7 @@ class TurnRequest:
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     constrained: str | None = None  # grammar kind of a structured-output / tool turn
     tool_names: frozenset[str] = frozenset()  # tools whose calls are parsed from the output (counted)
+    client_request_id: str | None = None  # the client's x-request-id (echoed); request_id stays ours (unique)
 
 
 @dataclass
@@ -129,10 +132,10 @@ class Turn:
             route["avoid"] = st.fleet.avoid()  # replicas that just failed (a lost node): routed around
             gen = st.backend.stream(self.session_id, dict(kwargs, route=dict(route)))
             try:
-                first = await asyncio.wait_for(gen.__anext__(), lim.queue_timeout_s)
+                first = await self._first_item(gen, lim.queue_timeout_s)
             except asyncio.TimeoutError:
                 await _cancel(gen)
-                raise too_many(f"no replica could start this request within {lim.queue_timeout_s:g} s",
+                raise too_many(f"no replica accepted this request within {lim.queue_timeout_s:g} s (all busy)",
                                lim.retry_after_s, code="no_capacity") from None
             except StopAsyncIteration:
                 last_exc = RuntimeError("replica ended the stream without a result")
@@ -162,6 +165,28 @@ class Turn:
             return
         raise APIError(503, f"no replica available: {type(last_exc).__name__}: {last_exc}", code="replica_unavailable",
                        headers={"Retry-After": str(lim.retry_after_s)})
+
+    async def _first_item(self, gen: Any, timeout_s: float) -> dict:
+        """The replica's first item. `timeout_s` (limits.queue_timeout_s) bounds the wait for admission only:
+        until a replica accepts the call (Serve queues it while every replica is at max_ongoing_requests; the
+        router notes the dispatch). From then on the engine admits or refuses at once, and the prefill of a long
+        prompt (seconds to minutes on a CPU) runs as long as it takes: a retry could not make it shorter."""
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(gen.__anext__())
+        deadline = loop.time() + timeout_s
+        try:
+            while True:
+                if _dispatched(self.req.request_id):
+                    return await task
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise asyncio.TimeoutError
+                done, _ = await asyncio.wait({task}, timeout=min(DISPATCH_POLL_S, left))
+                if done:
+                    return task.result()
+        except BaseException:
+            task.cancel()
+            raise
 
     async def items(self) -> AsyncIterator[dict]:
         """Delta items until the end; a mid-stream failure yields {"type": "error", "kind", "message"} last."""
@@ -227,9 +252,9 @@ class Turn:
             st.metrics.tool_calls.inc(res.tool_calls)
         if res.finish_reason and self.req.constrained:
             st.metrics.constrained_turns.labels(self.req.constrained).inc()
-        status = "ok" if res.finish_reason else ("error" if res.error else "aborted")
+        outcome = "ok" if res.finish_reason else ("error" if res.error else "aborted")
         st.metrics.latency.labels(self.req.endpoint).observe(time.monotonic() - self._t0)
-        st.metrics.requests.labels(self.req.endpoint, status).inc()
+        st.metrics.turns.labels(self.req.endpoint, outcome).inc()
         sid = self.session_id
         if sid and res.replica is not None:
             st.context_len[sid] = len(self.req.prompt_token_ids) + res.completion_tokens
@@ -243,6 +268,14 @@ class Turn:
                     constrained=self.req.constrained, tool_calls=res.tool_calls)
             except Exception:
                 log.exception("could not record a turn of session %s", sid)
+
+
+def _dispatched(request_id: str) -> bool:
+    """Whether a replica accepted the call (the router's dispatch note is read, and left for the ingress)."""
+    replica = DISPATCHES.pop(request_id)
+    if replica is not None:
+        DISPATCHES.record(request_id, replica)
+    return replica is not None
 
 
 async def _cancel(gen: Any) -> None:

@@ -6,6 +6,7 @@ import json
 
 import pytest
 from openai.lib.streaming._deltas import accumulate_delta
+from pydantic import TypeAdapter
 
 from orchestrator.api.chat_prompt import fallback_messages, history, native_tools, render
 from orchestrator.api.errors import APIError
@@ -98,7 +99,7 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
 
 
 def _msgs(*rows):
-    return [ChatMessage.model_validate(r) for r in rows]
+    return [TypeAdapter(ChatMessage).validate_python(r) for r in rows]
 
 
 HISTORY = _msgs(
@@ -138,9 +139,6 @@ def test_native_template_gets_tools_and_structured_history():
 @pytest.mark.parametrize("rows, param", [
     ([{"role": "user", "content": "x"}, {"role": "tool", "tool_call_id": "nope", "content": "r"}],
      "messages.1.tool_call_id"),
-    ([{"role": "user", "content": "x"}, {"role": "tool", "content": "r"}], "messages.1.tool_call_id"),
-    ([{"role": "user", "content": "x", "tool_calls": [
-        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}], "messages.0.tool_calls"),
     ([{"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
                                             "function": {"name": "f", "arguments": "not json"}}]}],
      "messages.0.tool_calls.0.function.arguments"),
