@@ -191,7 +191,7 @@ class GraphRunner(ModelRunner):
         s.tables.fill_(self.scratch_block)
         s.tables[:b, :nblk].copy_(inp.attn.block_tables)
         hidden, feats = g()  # [bp*qp, H], [bp*qp, F] | None
-        logits = self.model.logits(hidden[row[inp.logits_index]]).float()
+        logits = self.model.logits(hidden[row[inp.logits_index]])
         return logits, (None if feats is None else feats[row])
 
     # ---- drafter: one block proposal for every speculative sequence ----

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from workers.models.attention import AttnMetadata, SeqSpan
+from workers.models.attention import AttnMetadata, SeqSpan, short_runs
 
 
 @dataclass
@@ -83,6 +83,7 @@ def build_step_inputs(slices: list[SeqSlice], block_size: int, device, capture: 
         batch=b,
         q_len=tq,
         seqs=seqs,
+        short_runs=short_runs(seqs) if seqs is not None else None,
     )
     return StepInputs(_to(ids, device), _to(pos, device), attn, _to(logits_rows, device), capture)
 
@@ -124,29 +125,32 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run_target(self, inp: StepInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """-> (logits [R, V] fp32 for inp.logits_index rows, features [N, n_feat*H] or None)."""
+        """-> (logits [R, V] for inp.logits_index rows in the model's dtype, features [N, n_feat*H] or None).
+        Argmax needs no fp32 copy (bf16 -> fp32 is exact, so the argmax is the same); whoever needs
+        probabilities or masks converts the rows it uses."""
         hidden, feats = self.model.forward_paged(
             inp.input_ids, inp.positions, self.pool.target, inp.attn,
             capture_layers=self.capture_layers if inp.capture else (),
         )
-        return self.model.logits(hidden[inp.logits_index]).float(), feats
+        return self.model.logits(hidden[inp.logits_index]), feats
 
     @torch.inference_mode()
     def propose_logits(self, d: DraftInputs) -> torch.Tensor:
-        """-> drafter logits [B, Q-1, V] fp32 for block positions 1..Q-1 (V = its draft vocabulary when it has one)."""
+        """-> drafter logits [B, Q-1, V] in the model's dtype for block positions 1..Q-1 (V = its draft vocabulary
+        when it has one)."""
         emb = self.model.embed(d.block_ids)  # [B, Q, H]
         h = self.drafter.propose_hidden(emb, d.positions, self.pool.drafter, d.block_tables, d.mask)
         return self.draft_logits(h[:, 1:])
 
     def draft_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """h [B, Q-1, H] -> [B, Q-1, V] fp32 through the drafter's draft head (its vocabulary) or the target lm_head.
+        """h [B, Q-1, H] -> [B, Q-1, V] through the drafter's draft head (its vocabulary) or the target lm_head.
         One contiguous 2-D [B*(Q-1), H] matmul: the head on a strided 3-D view runs as a bmm over a materialised
         copy of the weight (it was 61% of a speculative step's CPU time)."""
         b, q1, hid = h.shape
         rows = h.reshape(b * q1, hid)
         head = self.drafter.draft_head
         logits = head(rows) if head is not None else self.model.logits(rows)
-        return logits.float().view(b, q1, -1)
+        return logits.view(b, q1, -1)
 
     @torch.inference_mode()
     def write_context(self, feats: torch.Tensor, rows: list[int], positions: list[int], slots: list[int]):

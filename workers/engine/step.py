@@ -116,7 +116,8 @@ class StepExecutor:
         for it, sl in zip(items, slices):
             starts.append(len(rows))
             rows.extend((it, k) for k in sl.logits_rows)
-        if self._g is not None:  # the grammar's token masks on the constrained rows
+        if self._g is not None:  # the grammar's token masks on the constrained rows (fp32 rows, masked in place)
+            logits = logits.float()
             self._g.mask_target(items, starts, [len(sl.logits_rows) for sl in slices], logits)
         target = TargetRows.build(logits, [it.seq.sampling for it, _ in rows])
         results: dict[str, SeqResult | BaseException] = {}

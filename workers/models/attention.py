@@ -19,8 +19,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from workers.kernels import cpu as cpu_kernels
 
 
 @dataclass
@@ -33,6 +36,9 @@ class AttnMetadata:
     batch: int
     q_len: int  # Tq
     seqs: tuple["SeqSpan", ...] | None = None  # host-side per-sequence layout: the ragged path (CPU); None = padded
+    # [S, 5] int64 (row0, n, start, slot0, index) of the sequences with short query runs (n < CHUNK_SPLIT_MIN):
+    # one CPU-kernel call per layer covers them all (workers/kernels/cpu.py); None = no kernel
+    short_runs: np.ndarray | None = None
 
 
 CHUNK_SPLIT_MIN = 64  # a sequence's query run of this many tokens or more: prefix + own-causal split
@@ -109,18 +115,39 @@ def _seq_keys(cache: torch.Tensor, meta: AttnMetadata, s: SeqSpan, length: int) 
     return cache.index_select(0, blocks).view(-1, kvh, hd)[:length]
 
 
+def short_runs(seqs: tuple[SeqSpan, ...]) -> np.ndarray:
+    """[S, 5] int64 rows (row0, n, start, slot0, index) of the sequences whose query run is short."""
+    rows = [(s.row0, s.n, s.start, s.slot0, s.index) for s in seqs if s.n < CHUNK_SPLIT_MIN]
+    return np.array(rows, dtype=np.int64).reshape(-1, 5)
+
+
+def _chunk(q, k, v, k_cache, v_cache, meta: AttnMetadata, s: SeqSpan, scale: float) -> torch.Tensor:
+    """A long query run: its cached prefix (unmasked) and its own keys (causal) -> [n, nh*hd]."""
+    kp = _seq_keys(k_cache, meta, s, s.start) if s.start else None
+    vp = _seq_keys(v_cache, meta, s, s.start) if s.start else None
+    rows = slice(s.row0, s.row0 + s.n)
+    return chunk_attention(q[rows], k[rows], v[rows], kp, vp, scale)
+
+
 def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, meta: AttnMetadata, scale: float) -> torch.Tensor:
     """q [N, nh, hd], this step's k/v [N, kvh, hd] (already written to the cache) -> [N, nh*hd]."""
     n_all, nh, hd = q.shape
+    if meta.short_runs is not None and cpu_kernels.supports_attention(q, k_cache):
+        # every short run (decode rows, verify blocks) in one kernel call; long chunks below, one call each
+        out = torch.empty(n_all, nh, hd, dtype=q.dtype)
+        cpu_kernels.attention(q.contiguous(), k_cache, v_cache, out, meta.short_runs, meta.block_tables, scale,
+                              causal=True)
+        for s in meta.seqs:
+            if s.n >= CHUNK_SPLIT_MIN:
+                out[s.row0: s.row0 + s.n] = _chunk(q, k, v, k_cache, v_cache, meta, s, scale).view(s.n, nh, hd)
+        return out.view(n_all, nh * hd)
     gqa = k.shape[1] != nh
     outs = []
     for s in meta.seqs:
         qi = q[s.row0: s.row0 + s.n]  # [n, nh, hd]
         if s.n >= CHUNK_SPLIT_MIN:
-            kp = _seq_keys(k_cache, meta, s, s.start) if s.start else None
-            vp = _seq_keys(v_cache, meta, s, s.start) if s.start else None
-            outs.append(chunk_attention(qi, k[s.row0: s.row0 + s.n], v[s.row0: s.row0 + s.n], kp, vp, scale))
+            outs.append(_chunk(q, k, v, k_cache, v_cache, meta, s, scale))
             continue
         length = s.start + s.n
         kk = _seq_keys(k_cache, meta, s, length).transpose(0, 1)[None]  # [1, kvh, L, hd]

@@ -40,9 +40,11 @@ class DFlashProposer:
         logits = runner.propose_logits(d)  # [B, Q-1, V], or [B, Q-1, Vd] over the draft vocabulary
         # [Vd] token id of each draft-vocabulary column, or None (full vocabulary)
         vocab = self.network.draft_vocab if self.network.draft_head is not None else None
-        if vocab is not None and any(r.guide is not None or not r.sampling.greedy for r in batch):
-            logits = self._full(logits, vocab)  # grammar masks and the verifier's q live in the full vocabulary
-            vocab = None
+        if any(r.guide is not None or not r.sampling.greedy for r in batch):
+            logits = logits.float()  # grammar masks and the verifier's q are fp32
+            if vocab is not None:
+                logits = self._full(logits, vocab)  # ... and live in the full vocabulary
+                vocab = None
         guided: dict[int, Draft] = {}
         by_guide: dict[int, list[int]] = {}
         for i, r in enumerate(batch):

@@ -1,0 +1,104 @@
+"""The CPU attention kernel (workers/kernels/cpu_kernels.cpp) against plain-torch attention: short query runs of
+many sequences over a paged cache (contiguous and shuffled block tables), causal (target decode / verify) and
+non-causal (drafter blocks), fp32 and bf16, GQA groups of 1 and 3, head_dim 64 and 128; and the engine-facing
+ragged_attention with the kernel equal to its per-sequence torch path."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from workers.kernels import cpu as cpu_kernels
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler: CPU kernels unavailable")
+
+
+def _reference(q, k_cache, v_cache, meta, tables, scale, causal):
+    """Per sequence: gather its keys position by position, SDPA with an explicit mask, in fp32."""
+    _, bs, kvh, hd = k_cache.shape
+    flat_k, flat_v = k_cache.reshape(-1, kvh, hd).float(), v_cache.reshape(-1, kvh, hd).float()
+    out = torch.zeros(q.shape, dtype=torch.float32)
+    for row0, n, kv0, slot0, trow in meta.tolist():
+        length = kv0 + n
+        pos = torch.arange(length)
+        slots = slot0 + pos if slot0 >= 0 else tables[trow, pos // bs] * bs + pos % bs
+        k, v = flat_k[slots].transpose(0, 1)[None], flat_v[slots].transpose(0, 1)[None]  # [1, kvh, L, hd]
+        qi = q[row0: row0 + n].float().transpose(0, 1)[None]  # [1, nh, n, hd]
+        mask = pos[None, :] <= (kv0 + torch.arange(n))[:, None] if causal else torch.ones(n, length, dtype=torch.bool)
+        o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale, enable_gqa=kvh != q.shape[1])
+        out[row0: row0 + n] = o[0].transpose(0, 1)
+    return out
+
+
+def _case(dtype, nh, kvh, hd, runs, seed=0):
+    """runs: (n query rows, kv0 cached keys, contiguous?) per sequence."""
+    g = torch.Generator().manual_seed(seed)
+    bs, nb = 16, 64
+    k_cache = torch.randn(nb, bs, kvh, hd, generator=g).to(dtype)
+    v_cache = torch.randn(nb, bs, kvh, hd, generator=g).to(dtype)
+    tables = torch.stack([torch.randperm(nb, generator=g)[:16] for _ in runs]).contiguous()
+    meta, row = [], 0
+    for i, (n, kv0, contiguous) in enumerate(runs):
+        meta.append((row, n, kv0, (3 + i) * bs if contiguous else -1, i))
+        row += n
+    q = torch.randn(row, nh, hd, generator=g).to(dtype)
+    return q, k_cache, v_cache, np.array(meta, dtype=np.int64), tables
+
+
+RUNS = [(1, 0, True), (1, 37, False), (16, 100, True), (5, 3, False), (9, 63, True), (1, 150, False)]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("nh,kvh,hd", [(9, 3, 64), (4, 4, 128), (6, 2, 64)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_kernel_matches_torch_attention(dtype, tol, nh, kvh, hd, causal):
+    q, kc, vc, meta, tables = _case(dtype, nh, kvh, hd, RUNS)
+    out = torch.full_like(q, float("nan"))
+    cpu_kernels.attention(q, kc, vc, out, meta, tables, hd ** -0.5, causal)
+    ref = _reference(q, kc, vc, meta, tables, hd ** -0.5, causal)
+    assert torch.isfinite(out).all()
+    assert (out.float() - ref).abs().max().item() < tol
+
+
+def test_kernel_writes_only_the_listed_rows():
+    q, kc, vc, meta, tables = _case(torch.float32, 9, 3, 64, RUNS)
+    out = torch.full_like(q, 7.0)
+    cpu_kernels.attention(q, kc, vc, out, meta[1:2], tables, 0.125, True)  # only sequence 1 (row 1)
+    assert (out[0] == 7.0).all() and (out[2:] == 7.0).all() and not (out[1] == 7.0).all()
+
+
+def test_unsupported_head_dim_keeps_the_torch_path():
+    q = torch.zeros(1, 2, 48)
+    assert not cpu_kernels.supports_attention(q, torch.zeros(1, 16, 2, 48))
+    assert cpu_kernels.supports_attention(torch.zeros(1, 2, 64), torch.zeros(1, 16, 2, 64))
+    assert not cpu_kernels.supports_attention(torch.zeros(1, 2, 64, dtype=torch.float16),
+                                              torch.zeros(1, 16, 2, 64, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
+def test_ragged_attention_with_and_without_the_kernel(monkeypatch, dtype, tol):
+    """A step mixing decode rows, a verify block and a long prefill chunk: the kernel path (short runs in one
+    call, the chunk by flash attention) equals one torch call per sequence."""
+    from workers.engine.runner import SeqSlice, build_step_inputs
+    from workers.models import attention as attn
+    from workers.models.attention import CHUNK_SPLIT_MIN, ragged_attention, write_kv
+
+    g = torch.Generator().manual_seed(1)
+    nh, kvh, hd, bs, nb = 9, 3, 64, 16, 64
+    kc = torch.randn(nb, bs, kvh, hd, generator=g).to(dtype)
+    vc = torch.randn(nb, bs, kvh, hd, generator=g).to(dtype)
+    specs = [(1, 40, list(range(0, 8))), (16, 90, list(range(8, 16))), (CHUNK_SPLIT_MIN + 9, 20, [30, 17, 40, 22, 9]),
+             (1, 7, [50, 51])]
+    slices = [SeqSlice([0] * n, start, table, [n - 1]) for n, start, table in specs]
+    inp = build_step_inputs(slices, bs, torch.device("cpu"), capture=False)
+    n_all = inp.input_ids.shape[0]
+    q = torch.randn(n_all, nh, hd, generator=g).to(dtype)
+    k = torch.randn(n_all, kvh, hd, generator=g).to(dtype)
+    v = torch.randn(n_all, kvh, hd, generator=g).to(dtype)
+    write_kv(kc, vc, k, v, inp.attn.slot_mapping)
+    with_kernel = ragged_attention(q, k, v, kc, vc, inp.attn, hd ** -0.5)
+    monkeypatch.setattr(attn.cpu_kernels, "supports_attention", lambda *a: False)
+    without = ragged_attention(q, k, v, kc, vc, inp.attn, hd ** -0.5)
+    assert with_kernel.shape == without.shape == (n_all, nh * hd)
+    assert (with_kernel.float() - without.float()).abs().max().item() < tol

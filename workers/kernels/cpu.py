@@ -1,0 +1,137 @@
+"""Build, load and call the CPU kernels of cpu_kernels.cpp (ctypes; no torch headers, a ~2 s compile once).
+
+The shared library is compiled on first use with the system C++ compiler (``-O3 -march=native -fopenmp``) into
+``<specfleet cache>/kernels/<hash>.so``, the hash covering the source, the flags, the compiler and the CPU
+model, so a cache shared between machines never runs code built for another CPU. Processes that start at the
+same time (Ray workers) build under a file lock; the library is renamed into place whole.
+
+Where no compiler is found or the build fails, ``available()`` is False, the reason is logged once, and the
+callers keep their plain-torch path (same results up to fp32 summation order). ``SPECFLEET_CPU_KERNELS=0``
+turns the kernels off.
+"""
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+HEAD_DIMS = (64, 128)  # head_dim values the attention kernel is built for
+
+_lib: ctypes.CDLL | None = None
+_tried = False
+_lock = threading.Lock()
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+
+
+def _build(cxx: str) -> Path:
+    from workers.hub import cache_root
+
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_model()]).encode())
+    out_dir = cache_root() / "kernels"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    so = out_dir / f"cpu_kernels-{key.hexdigest()[:16]}.so"
+    if so.is_file():
+        return so
+    with open(out_dir / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if so.is_file():  # another process built it while we waited
+            return so
+        tmp = so.with_suffix(f".{os.getpid()}.tmp")
+        res = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True, timeout=300)
+        if res.returncode != 0:
+            tmp.unlink(missing_ok=True)
+            raise RuntimeError(f"{cxx} failed: {res.stderr.strip()[-2000:]}")
+        os.replace(tmp, so)
+    return so
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    sig = [_P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    for name in ("attention_bf16", "attention_f32"):
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = sig, ctypes.c_int
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, building them on first use; None when unavailable (reason logged once)."""
+    global _lib, _tried
+    if _tried:
+        return _lib
+    with _lock:
+        if _tried:
+            return _lib
+        _tried = True
+        if os.environ.get("SPECFLEET_CPU_KERNELS", "1") == "0":
+            return None
+        cxx = _compiler()
+        if cxx is None:
+            log.warning("no C++ compiler found: CPU kernels off, attention runs one torch call per sequence")
+            return None
+        try:
+            lib = ctypes.CDLL(str(_build(cxx)))
+            _declare(lib)
+            _lib = lib
+        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            log.warning("CPU kernels unavailable (%s): attention runs one torch call per sequence", exc)
+    return _lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+_ATTENTION = {torch.bfloat16: "attention_bf16", torch.float32: "attention_f32"}
+
+
+def supports_attention(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    nh, kvh = q.shape[1], k_cache.shape[-2]
+    return (q.device.type == "cpu" and q.dtype in _ATTENTION and k_cache.dtype == q.dtype
+            and nh % kvh == 0 and q.shape[2] in HEAD_DIMS and available())
+
+
+def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+              meta: np.ndarray, tables: torch.Tensor, scale: float, causal: bool) -> None:
+    """Short query runs over the paged cache, into ``out``.
+
+    q, out [N, nh, hd] contiguous; k_cache / v_cache [num_blocks, block_size, kvh, hd] contiguous;
+    meta [S, 5] int64 contiguous: (row0, n, kv0, slot0, table row) per sequence (cpu_kernels.cpp says what
+    each means); tables [*, nblk] int64 contiguous. Only the rows of the listed sequences of ``out`` are written.
+    """
+    lib = library()
+    _, block_size, kvh, hd = k_cache.shape
+    fn = getattr(lib, _ATTENTION[q.dtype])
+    rc = fn(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), meta.shape[0], meta.ctypes.data,
+       tables.data_ptr(), tables.shape[1] if tables.dim() == 2 else 0, block_size, q.shape[1], kvh, hd,
+       scale, int(causal), torch.get_num_threads())
+    if rc != 0:
+        raise ValueError(f"attention kernel: head_dim {hd} not built (supports {HEAD_DIMS})")
