@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # subcommand module names, in the order `specfleet --help` lists them
@@ -39,8 +40,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         rc = args.func(args)
+        sys.stdout.flush()
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `specfleet plan --json | head`: the reader left; stop quietly, as Unix tools do
+        _silence_stdout()
+        return 141  # 128 + SIGPIPE
     except Exception as exc:  # user-facing errors carry a clear message, no traceback
         from workers.engine.params import EngineError
 
@@ -49,6 +54,16 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         raise
     return int(rc or 0)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush does not raise again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no file descriptor (a captured stdout)
+        pass
 
 
 if __name__ == "__main__":

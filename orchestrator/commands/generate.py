@@ -20,7 +20,9 @@ def register(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap the prompt in the model's chat template (default: on when the model has one, as "
+                   "for an instruct model; --no-chat sends the prompt as raw text)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
@@ -40,6 +42,24 @@ def resolve_model_path(model: str) -> str:
         raise FileNotFoundError(f"model {model!r} is neither a path nor a cached model "
                                 f"(try: specfleet models pull {model})")
     return str(path)
+
+
+def use_chat(tokenizer, chat: bool | None) -> bool:
+    """--chat / --no-chat, or by default whether the tokenizer has a chat template."""
+    if chat is None:
+        return bool(getattr(tokenizer, "chat_template", None))
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this model's tokenizer has no chat template; drop --chat")
+    return chat
+
+
+def summary(n_tokens: int, passes: int, decode_s: float, reason: str | None, mode: str, load_s: float) -> str:
+    """The closing line. Decode speed and tau need two tokens or more (the first one comes from the prefill);
+    with fewer they are shown as n/a, never as nan."""
+    rate = f"{(n_tokens - 1) / decode_s:.1f} tok/s" if n_tokens > 1 and decode_s > 0 else "n/a tok/s"
+    tau = f"{(n_tokens - 1) / passes:.2f}" if passes else "n/a"
+    return (f"--- {n_tokens} tokens ({reason}); decode {rate}; tau {tau} tokens/target pass; {mode}; "
+            f"load {load_s:.1f} s")
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
@@ -68,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
         spec = SpecParams(enabled=False)
     elif args.block_size is not None:
         spec = SpecParams(enabled=True, block_size=args.block_size)
-    ids = encode_prompt(eng.tokenizer, args.prompt, args.chat)
+    chat = use_chat(eng.tokenizer, args.chat)
+    ids = encode_prompt(eng.tokenizer, args.prompt, chat)
     sp = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                         max_tokens=min(args.max_tokens, eng.max_model_len - len(ids)), stop=tuple(args.stop),
                         seed=args.seed)
@@ -87,9 +108,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"\nerror: {out.error}", file=sys.stderr)
             reason = out.finish_reason or reason
     dt = time.perf_counter() - (t0 or time.perf_counter())
-    rate = (n_tokens - 1) / dt if dt > 0 and n_tokens > 1 else float("nan")
     mode = "AR" if (spec is not None and not spec.enabled) else f"DFlash block {spec.block_size if spec else eng.default_spec().block_size}"
-    tau = (n_tokens - 1) / passes if passes else float("nan")
-    print(f"\n--- {n_tokens} tokens ({reason}); decode {rate:.1f} tok/s; tau {tau:.2f} tokens/target pass; "
-          f"{mode}; load {load_s:.1f} s", file=sys.stderr)
+    mode += "; chat template" if chat else "; raw prompt"
+    print("\n" + summary(n_tokens, passes, dt, reason, mode, load_s), file=sys.stderr)
     return 0 if reason != "error" else 1

