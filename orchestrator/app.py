@@ -9,9 +9,11 @@ specfleet request router (orchestrator.routing.router) or a baseline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import time
-from typing import Any
+from typing import Any, Iterator
 
 from ray import serve
 from ray.serve.config import RequestRouterConfig
@@ -22,6 +24,34 @@ from orchestrator.replica import ModelReplica
 log = logging.getLogger("specfleet.app")
 INGRESS_MAX_ONGOING = 4096
 STATE_RESOURCE = "specfleet_state"  # custom resource of the node that holds the session registry
+LOOPBACK = "127.0.0.1"
+# the environment of the local Ray that start_local() starts (its processes inherit it):
+# - Ray's single-machine mode (what it uses on macOS / Windows): the node IP is 127.0.0.1 and every Ray server
+#   (GCS, raylet, object manager, workers, agents) listens on loopback only, not on all interfaces;
+# - the header check inside Serve's HTTP proxy (orchestrator/api/middleware.py: non-UTF-8 headers are a 400).
+LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+PROXY_CALLBACK_ENV = ("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "orchestrator.api.middleware:proxy_middlewares")
+
+
+def bind_serve_grpc_to_loopback() -> None:
+    """Ray Serve 2.60 starts each replica's inter-deployment gRPC server on "[::]:0" (every interface) whatever
+    the node's IP. On the embedded single-machine Ray (node IP 127.0.0.1, `loopback_ray`) bind it to loopback
+    too; a replica must call this in its constructor, which Serve runs before it adds that port. Elsewhere
+    (a real cluster: other nodes call this replica) nothing changes."""
+    import ray
+    from ray.serve._private import replica as serve_replica
+
+    add_port = serve_replica.add_port_to_grpc_server
+    if getattr(add_port, "specfleet_loopback", False) or ray.util.get_node_ip_address() != LOOPBACK:
+        return
+
+    def add_port_on_loopback(server: Any, address: str) -> int:
+        if address.startswith("[::]:"):
+            address = f"{LOOPBACK}:{address[len('[::]:'):]}"
+        return add_port(server, address)
+
+    add_port_on_loopback.specfleet_loopback = True  # type: ignore[attr-defined]
+    serve_replica.add_port_to_grpc_server = add_port_on_loopback
 
 
 class Ingress:
@@ -30,9 +60,12 @@ class Ingress:
     async def __init__(self, replicas: Any, args: dict):
         from orchestrator.api.state import ServeBackend, ServerState, load_tokenizer
 
+        bind_serve_grpc_to_loopback()
+
         cfg = ServeConfig.model_validate(args)
         tokenizer, ctx = await asyncio.to_thread(load_tokenizer, cfg)
         self.state = ServerState.create(cfg, ServeBackend(replicas), tokenizer, ctx)
+        self.state.behind_proxy = True  # Serve's proxy sets x-request-id on every response
 
     def __serve_build_asgi_app__(self):
         from orchestrator.api.server import create_app
@@ -56,6 +89,14 @@ class Ingress:
             return
         await self.drain()
         state.registry.close()
+
+
+class LoopbackModelReplica(ModelReplica):
+    """ModelReplica whose inter-deployment gRPC port follows the node IP (`bind_serve_grpc_to_loopback`)."""
+
+    async def __init__(self, args: dict):
+        bind_serve_grpc_to_loopback()
+        await super().__init__(args)
 
 
 def router_config(cfg: ServeConfig) -> RequestRouterConfig:
@@ -147,7 +188,7 @@ def build_app(args: dict) -> Any:
         opts["placement_group_strategy"] = "STRICT_PACK"
     else:
         opts["ray_actor_options"] = {"num_cpus": 0 if cfg.engine == "mock" else 1, "num_gpus": gpus}
-    replica = serve.deployment(ModelReplica).options(**opts)
+    replica = serve.deployment(LoopbackModelReplica).options(**opts)
     ingress = serve.deployment(serve.ingress()(Ingress)).options(
         name="Ingress", num_replicas=1, max_ongoing_requests=INGRESS_MAX_ONGOING,
         ray_actor_options=_ingress_actor_options(), graceful_shutdown_timeout_s=cfg.drain_timeout_s,
@@ -159,8 +200,34 @@ def build_app(args: dict) -> Any:
     return ingress.bind(replica.bind(args_json), args_json)
 
 
+@contextlib.contextmanager
+def loopback_ray() -> Iterator[None]:
+    """While a local Ray starts: its node IP is 127.0.0.1, so GCS, raylet, workers and agents bind to loopback
+    (Ray otherwise listens on every interface, unauthenticated when RAY_AUTH_MODE=disabled), and Serve's proxy
+    loads specfleet's header check. Restored afterwards: this process may start other clusters (tests)."""
+    import ray._private.ray_constants as ray_constants
+
+    env = {**LOCAL_RAY_ENV}
+    if not os.environ.get(PROXY_CALLBACK_ENV[0]):  # a deployment's own proxy callback is kept
+        env[PROXY_CALLBACK_ENV[0]] = PROXY_CALLBACK_ENV[1]
+    saved_env = {k: os.environ.get(k) for k in env}
+    saved_mode = ray_constants.ENABLE_RAY_CLUSTER  # read when ray was imported: set it here too
+    os.environ.update(env)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_mode
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def start_local(cfg: ServeConfig, *, init_ray: bool = True, proxy_location: str | None = None) -> str:
     """Start (or reuse) Ray and Serve on this machine, deploy the app, return the base URL.
+    A Ray started here (no `ray.address`) listens on loopback only (`loopback_ray`); the HTTP API on `http.host`.
     `proxy_location="HeadOnly"` for several Ray nodes on one machine (their proxies would share a port)."""
     import ray
 
@@ -172,7 +239,9 @@ def start_local(cfg: ServeConfig, *, init_ray: bool = True, proxy_location: str 
                 if cfg.ray.address:
                     ray.init(address=cfg.ray.address, **kw)
                 else:
-                    ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, **kw)
+                    with loopback_ray():
+                        ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, _node_ip_address=LOOPBACK,
+                                 dashboard_host=LOOPBACK, **kw)
                 break
             except Exception as exc:
                 if "timed out during startup" not in str(exc) or attempt == 2:

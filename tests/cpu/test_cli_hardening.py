@@ -99,3 +99,41 @@ def test_a_failed_download_says_why(tmp_path):
     with pytest.raises(hub.HubError, match="no access to the index"):
         hub._pip_download("llm-fake", tmp_path, command=[sys.executable, "-c",
                                                          "import sys; print('ERROR: no route'); sys.exit(1)"])
+
+
+def test_the_embedded_ray_starts_in_loopback_mode_and_leaves_the_process_as_it_was(monkeypatch):
+    import ray._private.ray_constants as ray_constants
+
+    from orchestrator.app import loopback_ray
+
+    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
+    monkeypatch.delenv("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", raising=False)
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    with loopback_ray():  # what ray.init's processes inherit
+        assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0" and not ray_constants.ENABLE_RAY_CLUSTER
+        assert os.environ["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"].endswith("middleware:proxy_middlewares")
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ and ray_constants.ENABLE_RAY_CLUSTER == before
+    assert "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH" not in os.environ
+
+
+def test_serve_replica_grpc_port_follows_a_loopback_node_ip(monkeypatch):
+    import ray
+    from ray.serve._private import replica as serve_replica
+
+    from orchestrator.app import bind_serve_grpc_to_loopback
+
+    class Server:
+        def add_insecure_port(self, address):
+            self.address = address
+            return 1234
+
+    monkeypatch.setattr(serve_replica, "add_port_to_grpc_server", serve_replica.add_port_to_grpc_server)
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "10.0.0.7")  # a cluster node: unchanged
+    bind_serve_grpc_to_loopback()
+    server = Server()
+    serve_replica.add_port_to_grpc_server(server, "[::]:0")
+    assert server.address == "[::]:0"
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "127.0.0.1")  # the embedded Ray
+    bind_serve_grpc_to_loopback()
+    bind_serve_grpc_to_loopback()  # idempotent
+    assert serve_replica.add_port_to_grpc_server(server, "[::]:0") == 1234 and server.address == "127.0.0.1:0"
