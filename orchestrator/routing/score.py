@@ -13,6 +13,10 @@ Acceptance is modelled as i.i.d. per position (alpha) so a tau measured at the d
 predicts tau at a smaller block; speculation is steered per request: the block maximising
 tau(B)/t_spec(B) is used when it beats 1/t_ar by ``spec_margin``, else ``SpecParams(enabled=False)``.
 Replicas whose free KV < (uncached prompt + max_tokens + block) x kv_safety are excluded.
+
+Cost: O(replicas), a few dict / set lookups and some arithmetic per replica. What depends only on a report
+(blocks, step times at the batch) and alpha per tau are memoised on their inputs (pure: the same inputs give
+the same floats); alpha is Newton's root certified to be the bisection's result. benchmarks/router_cost.py.
 """
 from __future__ import annotations
 
@@ -80,25 +84,100 @@ class Choice:
 # ------------------------------------------------------------------ acceptance model
 def tau_at_block(tau0: float, b0: int, b: int) -> float:
     """Expected committed tokens per pass at block b, given tau0 measured at block b0 (i.i.d. alpha)."""
-    if b == b0 or b0 < 2:
-        return max(1.0, min(tau0, float(b)))
-    alpha = alpha_from_tau(tau0, b0)
-    if alpha >= 1.0:
-        return float(b)
-    return (1.0 - alpha**b) / (1.0 - alpha)
+    return _Taus(tau0, b0).at(b)
+
+
+class _Taus:
+    """tau(b) for one tau0 measured at block b0, alpha solved at most once (tau_at_block for many b)."""
+
+    __slots__ = ("tau0", "b0", "alpha")
+
+    def __init__(self, tau0: float, b0: int):
+        self.tau0, self.b0, self.alpha = tau0, b0, None
+
+    def at(self, b: int) -> float:
+        if b == self.b0 or self.b0 < 2:
+            return max(1.0, min(self.tau0, float(b)))
+        if self.alpha is None:
+            self.alpha = alpha_from_tau(self.tau0, self.b0)
+        alpha = self.alpha
+        if alpha >= 1.0:
+            return float(b)
+        return (1.0 - alpha**b) / (1.0 - alpha)
+
+
+_GRID = 2.0**-40  # the bisection's resolution: 40 halvings of [0, 1]
 
 
 def alpha_from_tau(tau: float, b: int) -> float:
-    """Per-position acceptance alpha with sum_{k<b} alpha^k = tau (bisection; tau clamped to [1, b])."""
+    """Per-position acceptance alpha with sum_{k<b} alpha^k = tau (tau clamped to [1, b]): the midpoint of
+    the 2^-40-wide interval that 40 bisection steps over [0, 1] end in (``_bisect_alpha``).
+
+    Fast path, same result: Newton's method finds the root, which names that interval; two evaluations of
+    the bisection's own expression at its ends certify it. Where the computed sum is monotone at the
+    grid's resolution (alpha <= 0.99, b <= 64: rounding error < 1e-13 against a step >= 2^-40 ~ 9e-13) the
+    bisection, comparing at grid points only, must end in the one interval whose lower end sums below tau
+    and whose upper end does not. Elsewhere, or when the check fails, the bisection itself runs."""
     tau = max(1.0, min(float(tau), float(b)))
     if tau >= b - 1e-9:
         return 1.0
+    key = (tau, b)
+    alpha = _ALPHA_MEMO.get(key)
+    if alpha is None:
+        if len(_ALPHA_MEMO) >= _MEMO_SIZE:
+            _ALPHA_MEMO.clear()
+        alpha = _ALPHA_MEMO[key] = _solve_alpha(tau, b)
+    return alpha
+
+
+_MEMO_SIZE = 8192  # entries per memo below (pure functions of their keys; cleared when full)
+_ALPHA_MEMO: dict[tuple[float, int], float] = {}  # a tau repeats across decisions where no session or team
+#                                                  entry makes it specific (a role's, the replica mean)
+
+
+def _solve_alpha(tau: float, b: int) -> float:
+    if b <= 64:
+        a = _newton_alpha(tau, b)
+        if a is not None:
+            j = int(a / _GRID)
+            for k in (j, j - 1, j + 1):
+                lo, hi = k * _GRID, (k + 1) * _GRID
+                if k >= 0 and hi <= 0.99 and (k == 0 or _geo(lo, b) < tau) and _geo(hi, b) >= tau:
+                    return 0.5 * (lo + hi)
+    return _bisect_alpha(tau, b)
+
+
+def _geo(a: float, b: int) -> float:
+    """sum_{k<b} a^k, computed exactly as the bisection computes it."""
+    return (1.0 - a**b) / (1.0 - a)
+
+
+def _bisect_alpha(tau: float, b: int) -> float:
     lo, hi = 0.0, 1.0
     for _ in range(40):
         mid = 0.5 * (lo + hi)
         val = (1.0 - mid**b) / (1.0 - mid)
         lo, hi = (mid, hi) if val < tau else (lo, mid)
     return 0.5 * (lo + hi)
+
+
+def _newton_alpha(tau: float, b: int) -> float | None:
+    """The root of sum_{k<b} a^k = tau in [0, 1) by Newton's method (None where it leaves [0, 1)). It starts
+    below the root (1 - 1/tau: the infinite sum's root) and, the sum being convex, converges from above."""
+    a = 1.0 - 1.0 / tau
+    for _ in range(60):
+        ab1 = a ** (b - 1)
+        s = (1.0 - ab1 * a) / (1.0 - a)
+        ds = (s - b * ab1) / (1.0 - a)  # d/da of the sum
+        if ds <= 0.0:
+            return None
+        step = (s - tau) / ds
+        a -= step
+        if not 0.0 <= a < 1.0:
+            return None
+        if -1e-8 < step < 1e-8:  # the error left is ~ b * step^2 < 1e-14, far inside one 2^-40 cell
+            return a
+    return None
 
 
 def _shrink(x: tuple[float, int] | None, prior: float, k: float) -> tuple[float, int]:
@@ -147,6 +226,31 @@ def _step_times(r: RoutingStats, cfg: RouterWeights, batch: int, blocks: list[in
     return t_ar, out
 
 
+_STEP_MEMO: dict[tuple, tuple] = {}
+
+
+def _step_cfg_key(cfg: RouterWeights) -> tuple:
+    """The knobs _blocks and _step_times read."""
+    return (cfg.steer_block, tuple(cfg.block_sizes), cfg.batch_slope, cfg.default_step_ms, cfg.spec_cost_ratio)
+
+
+def _step_model(r: RoutingStats, cfg: RouterWeights, cfg_key: tuple):
+    """(blocks, t_ar, t_spec at batch + 1, t_ar, t_spec at the current batch) of a replica; memoised on
+    what they are computed from (the same report and batch recur from decision to decision)."""
+    key = (r.block_size_default, r.num_running, r.step_ms_ar, r.step_base_ms, r.step_per_token_ms, r.draft_ms,
+           tuple(r.step_ms_by_block.items()), cfg_key)
+    out = _STEP_MEMO.get(key)
+    if out is None:
+        batch, batch_now = r.num_running + 1, max(r.num_running, 1)
+        blocks = _blocks(r, cfg)
+        t_ar, t_spec = _step_times(r, cfg, batch, blocks)
+        t_ar_now, t_spec_now = (t_ar, t_spec) if batch_now == batch else _step_times(r, cfg, batch_now, blocks)
+        if len(_STEP_MEMO) >= _MEMO_SIZE:
+            _STEP_MEMO.clear()
+        out = _STEP_MEMO[key] = (blocks, t_ar, t_spec, t_ar_now, t_spec_now)
+    return out
+
+
 def _blocks(r: RoutingStats, cfg: RouterWeights) -> list[int]:
     top = r.block_size_default
     if not cfg.steer_block:
@@ -156,7 +260,7 @@ def _blocks(r: RoutingStats, cfg: RouterWeights) -> list[int]:
 
 
 # ------------------------------------------------------------------ one replica
-@dataclass
+@dataclass(slots=True)
 class _Eval:
     r: RoutingStats
     eligible: bool
@@ -169,102 +273,130 @@ class _Eval:
     cached: bool
 
 
-def _evaluate(req: RouteRequest, r: RoutingStats, cfg: RouterWeights, bonus: float) -> _Eval:
+def _evaluate(req: RouteRequest, r: RoutingStats, cfg: RouterWeights, cfg_key: tuple, tau0: float,
+              bonus: float) -> _Eval:
+    """One replica's score for this request; tau0 = estimate_tau(req, r, cfg)[0]. What does not change
+    between the three scores (with / without affinity, with / without exploration) is computed once: the
+    step times per batch, the best mode per tau, alpha per tau."""
     cached = bool(req.session_id) and req.session_id in r.cached_sessions
     prefix = min(req.prefix_tokens, req.prompt_tokens) if cached else 0
-    block_max = r.block_size_default if r.spec_available else 1
+    bsd = r.block_size_default
+    block_max = bsd if r.spec_available else 1
     new_kv = (req.prompt_tokens - prefix) + req.max_tokens + block_max
     eligible = r.kv_free_tokens >= new_kv * cfg.kv_safety
     if r.vram_free_bytes is not None and r.vram_free_bytes < cfg.min_vram_free_bytes:
         eligible = False
 
     batch = r.num_running + 1
-    blocks = _blocks(r, cfg)
-    t_ar, t_spec = _step_times(r, cfg, batch, blocks)
-    t_ar_now, t_spec_now = _step_times(r, cfg, max(r.num_running, 1), blocks)
-    tau0, _ = estimate_tau(req, r, cfg)
+    blocks, t_ar, t_spec, t_ar_now, t_spec_now = _step_model(r, cfg, cfg_key)
 
-    def best_mode(tau_base: float) -> tuple[float, float, int | None]:
-        """(rate tokens/ms, tau, block or None for AR)."""
-        rate, tau, blk = 1.0 / t_ar, 1.0, None
-        if not r.spec_available:
-            return rate, tau, blk
-        req_spec = req.spec_requested
-        if req_spec is not None:  # the client decided; respect it (clamped to the drafter)
-            if not req_spec.enabled:
-                return rate, tau, blk
-            b = min(req_spec.block_size, r.block_size_default)
-            tb = tau_at_block(tau_base, r.block_size_default, b)
-            _, ts = _step_times(r, cfg, batch, [b])
-            return tb / ts[b], tb, b
-        best = None
-        for b in blocks:
-            tb = tau_at_block(tau_base, r.block_size_default, b)
-            cand = (tb / t_spec[b], tb, b)
-            best = cand if best is None or cand[0] > best[0] else best
-        probe = cfg.spec_probe_every > 0 and req.spec_off_turns >= cfg.spec_probe_every
-        if not cfg.steer_spec or probe or best[0] > rate * cfg.spec_margin:
-            return best
-        return rate, tau, blk
+    taus0 = _Taus(tau0, bsd)
+    tau_b = tau0 + bonus
+    mode = _best_mode(req, r, cfg, taus0 if tau_b == tau0 else _Taus(tau_b, bsd), blocks, batch, t_ar, t_spec)
+    mode0 = mode if tau_b == tau0 else _best_mode(req, r, cfg, taus0, blocks, batch, t_ar, t_spec)
 
-    def score_with(tau_base: float, saved_prefix: float) -> tuple[float, float, int | None]:
-        rate, tau, blk = best_mode(tau_base)
-        t_step = tau / rate  # ms per target pass (rate = tau / t_step)
-        p_ms = r.prefill_ms_per_token if r.prefill_ms_per_token is not None else cfg.default_prefill_ms_per_token
-        prefill_ms = max(0.0, req.prompt_tokens - cfg.affinity * saved_prefix) * p_ms
-        ahead = r.num_waiting + max(0, r.num_running + 1 - r.max_num_seqs)
-        queue_ms = ahead * (req.max_tokens / rate) / max(r.max_num_seqs, 1)
-        total_ms = cfg.queue * queue_ms + prefill_ms + req.max_tokens / rate
-        own = req.max_tokens / total_ms * 1000.0  # tokens/s
-        # slowdown of the replica's running requests when this one joins the batch
-        t_now = t_spec_now.get(blk, t_ar_now) if blk else t_ar_now
-        tau_others = r.tau_mean if (r.tau_mean and blk) else 1.0
-        loss = r.num_running * tau_others * (1000.0 / t_now - 1000.0 / t_step) if t_step > t_now else 0.0
-        kv_after = 1.0 - (r.kv_free_tokens - new_kv) / r.kv_total_tokens if r.kv_total_tokens > 0 else 1.0
-        damp = 1.0
-        if kv_after > cfg.kv_watermark:
-            over = min(1.0, (kv_after - cfg.kv_watermark) / (1.0 - cfg.kv_watermark))
-            damp = 1.0 - cfg.kv_pressure * over
-        return (own - cfg.congestion * loss) * damp, tau, blk
+    # the terms of the score that do not depend on the mode or the cached prefix
+    p_ms = r.prefill_ms_per_token if r.prefill_ms_per_token is not None else cfg.default_prefill_ms_per_token
+    ahead = r.num_waiting + max(0, r.num_running + 1 - r.max_num_seqs)
+    kv_after = 1.0 - (r.kv_free_tokens - new_kv) / r.kv_total_tokens if r.kv_total_tokens > 0 else 1.0
+    damp = 1.0
+    if kv_after > cfg.kv_watermark:
+        over = min(1.0, (kv_after - cfg.kv_watermark) / (1.0 - cfg.kv_watermark))
+        damp = 1.0 - cfg.kv_pressure * over
 
-    s, tau, blk = score_with(tau0 + bonus, prefix)
-    s_no_aff, _, _ = score_with(tau0 + bonus, 0.0)
-    s_no_exp, _, _ = score_with(tau0, prefix)
+    ctx = (req, r, cfg, p_ms, ahead, damp, t_ar_now, t_spec_now)
+    s = _score(ctx, mode, prefix)
+    s_no_aff = s if prefix == 0 else _score(ctx, mode, 0.0)  # 0 and 0.0 give the same floats
+    s_no_exp = s if mode0 is mode else _score(ctx, mode0, prefix)
+    _, tau, blk = mode
     if blk is None:
-        spec = SpecParams(enabled=False, block_size=r.block_size_default)
+        spec = SpecParams(enabled=False, block_size=bsd)
     else:
         spec = SpecParams(enabled=True, block_size=blk)
-        tau = tau_at_block(tau0, r.block_size_default, blk)  # report the estimate, not the optimism
+        tau = taus0.at(blk)  # report the estimate, not the optimism
     steered_off = r.spec_available and blk is None and req.spec_requested is None
     return _Eval(r, eligible, s, s_no_aff, s_no_exp, tau, spec, steered_off, cached)
 
 
+def _score(ctx: tuple, mode: tuple[float, float, int | None], saved_prefix: float) -> float:
+    """Predicted goodput (tokens/s) of the request in this mode, less the slowdown it imposes, KV-damped."""
+    req, r, cfg, p_ms, ahead, damp, t_ar_now, t_spec_now = ctx
+    rate, tau, blk = mode
+    t_step = tau / rate  # ms per target pass (rate = tau / t_step)
+    prefill_ms = max(0.0, req.prompt_tokens - cfg.affinity * saved_prefix) * p_ms
+    queue_ms = ahead * (req.max_tokens / rate) / max(r.max_num_seqs, 1)
+    total_ms = cfg.queue * queue_ms + prefill_ms + req.max_tokens / rate
+    own = req.max_tokens / total_ms * 1000.0  # tokens/s
+    # slowdown of the replica's running requests when this one joins the batch
+    t_now = t_spec_now.get(blk, t_ar_now) if blk else t_ar_now
+    tau_others = r.tau_mean if (r.tau_mean and blk) else 1.0
+    loss = r.num_running * tau_others * (1000.0 / t_now - 1000.0 / t_step) if t_step > t_now else 0.0
+    return (own - cfg.congestion * loss) * damp
+
+
+def _best_mode(req: RouteRequest, r: RoutingStats, cfg: RouterWeights, taus: _Taus, blocks: list[int], batch: int,
+               t_ar: float, t_spec: dict[int, float]) -> tuple[float, float, int | None]:
+    """(rate tokens/ms, tau, block or None for AR) on this replica, for this tau curve."""
+    rate, tau, blk = 1.0 / t_ar, 1.0, None
+    if not r.spec_available:
+        return rate, tau, blk
+    req_spec = req.spec_requested
+    bsd = r.block_size_default
+    if req_spec is not None:  # the client decided; respect it (clamped to the drafter)
+        if not req_spec.enabled:
+            return rate, tau, blk
+        b = min(req_spec.block_size, bsd)
+        tb = taus.at(b)
+        _, ts = _step_times(r, cfg, batch, [b])
+        return tb / ts[b], tb, b
+    best = None
+    for b in blocks:  # taus.at(b), inlined: this loop runs for every replica of every decision
+        if b == bsd or bsd < 2:
+            tb = max(1.0, min(taus.tau0, float(b)))
+        else:
+            alpha = taus.alpha
+            if alpha is None:
+                alpha = taus.alpha = alpha_from_tau(taus.tau0, bsd)
+            tb = float(b) if alpha >= 1.0 else (1.0 - alpha**b) / (1.0 - alpha)
+        cand = tb / t_spec[b]
+        if best is None or cand > best[0]:
+            best = (cand, tb, b)
+    probe = cfg.spec_probe_every > 0 and req.spec_off_turns >= cfg.spec_probe_every
+    if not cfg.steer_spec or probe or best[0] > rate * cfg.spec_margin:
+        return best
+    return rate, tau, blk
+
+
 # ------------------------------------------------------------------ ranking
-def _bonuses(req: RouteRequest, replicas: list[RoutingStats], cfg: RouterWeights) -> list[float]:
-    ns = [estimate_tau(req, r, cfg)[1] if r.spec_available else 0 for r in replicas]
-    total = sum(ns)
+def _bonuses(replicas: list[RoutingStats], ns: list[int], cfg: RouterWeights) -> list[float]:
+    """UCB bonus per replica: ns[i] samples behind its estimate, their total over replicas with a drafter."""
+    total = sum(n for n, r in zip(ns, replicas) if r.spec_available)
+    log_total = math.log(2.0 + total)
     return [
-        cfg.explore * math.sqrt(math.log(2.0 + total) / (1.0 + n)) if r.spec_available else 0.0
+        cfg.explore * math.sqrt(log_total / (1.0 + n)) if r.spec_available else 0.0
         for n, r in zip(ns, replicas)
     ]
 
 
 def rank(req: RouteRequest, replicas: list[RoutingStats], cfg: RouterWeights | None = None) -> list[Choice]:
-    """Eligible replicas, best first, each with its predicted goodput, reason and speculation choice."""
+    """Eligible replicas, best first, each with its predicted goodput, reason and speculation choice.
+    O(replicas): per replica a few table lookups (dicts, the cached-session set) and arithmetic."""
     cfg = cfg or RouterWeights()
     if not replicas:
         return []
-    evals = [_evaluate(req, r, cfg, b) for r, b in zip(replicas, _bonuses(req, replicas, cfg))]
+    est = [estimate_tau(req, r, cfg) for r in replicas]
+    bonuses = _bonuses(replicas, [n for _, n in est], cfg)
+    cfg_key = _step_cfg_key(cfg)
+    evals = [_evaluate(req, r, cfg, cfg_key, tau0, b) for r, (tau0, _), b in zip(replicas, est, bonuses)]
     ok = sorted((e for e in evals if e.eligible), key=lambda e: -e.score)
     excluded = [e for e in evals if not e.eligible]
+    probing = req.spec_requested is None and cfg.spec_probe_every > 0 and req.spec_off_turns >= cfg.spec_probe_every
     choices = []
     for i, e in enumerate(ok):
-        others = [o for o in ok if o is not e]
-        reason = _reason(e, others, excluded) if i == 0 else "spill"
+        reason = _reason(e, ok[1:], excluded) if i == 0 else "spill"
         if e.steered_off:
             reason += "+spec-off"
-        elif e.spec.enabled and req.spec_requested is None and cfg.spec_probe_every > 0 \
-                and req.spec_off_turns >= cfg.spec_probe_every:
+        elif e.spec.enabled and probing:
             reason += "+spec-probe"
         choices.append(
             Choice(

@@ -135,3 +135,31 @@ def test_a_steered_off_session_is_probed_again_after_spec_probe_every_turns():
     assert probe.spec.enabled and probe.reason.endswith("+spec-probe")
     never = RouterWeights(explore=0.0, spec_probe_every=0)
     assert not rank(RouteRequest("s1", "coder", None, 300, 128, spec_off_turns=99), [weak], never)[0].spec.enabled
+
+
+def test_alpha_fast_path_returns_exactly_what_the_bisection_returns(monkeypatch):
+    """Newton + the certificate must give the bisection's float bit for bit, also where tau is exactly the sum
+    at a grid point (the bisection's comparisons are tight there), and must be the path actually taken."""
+    import math
+    import random
+
+    from orchestrator.routing import score
+
+    rng = random.Random(0)
+    fallbacks = []
+    bisect = score._bisect_alpha
+    monkeypatch.setattr(score, "_bisect_alpha", lambda t, b: fallbacks.append(t) or bisect(t, b))
+    n = 0
+    for b in (2, 3, 4, 8, 16, 32, 64, 100):
+        taus = [rng.uniform(1.0, b) for _ in range(600)] + [1.0, 1.0 + 1e-15, b - 2e-9, rng.uniform(1.0, 1.0001)]
+        for _ in range(200):  # the sum at a point of the 2^-40 grid, and its float neighbours
+            v = score._geo(rng.randrange(1, 2**40) * 2.0**-40, b)
+            taus += [v, math.nextafter(v, 0.0), math.nextafter(v, 99.0)]
+        for tau in taus:
+            t = max(1.0, min(tau, float(b)))
+            if t < b - 1e-9:
+                assert score._solve_alpha(t, b) == bisect(t, b), (tau, b)
+                n += 1
+        assert score.alpha_from_tau(taus[0], b) == score.alpha_from_tau(taus[0], b)  # memoised: same value
+    # Newton + certificate carried most of them (the rest: alpha > 0.99, b > 64, or a failed certificate)
+    assert len(fallbacks) < 0.2 * n, (len(fallbacks), n)
