@@ -18,11 +18,11 @@ from __future__ import annotations
 import random
 import threading
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from orchestrator.routing.score import Choice, RouteRequest, RouterWeights, rank
-from orchestrator.routing.stats import RoutingStats
+from orchestrator.routing.stats import ReportCache, RoutingStats
 from workers.engine.params import SpecParams
 
 ROUTE_KWARG = "route"
@@ -62,7 +62,7 @@ class RouteDecision:
     def to_dict(self) -> dict[str, Any]:
         return {"replica": self.replica, "reason": self.reason, "spec": _spec_dict(self.spec),
                 "detail": dict(self.detail),
-                "alternatives": {r: [asdict(s), why] for r, (s, why) in self.alternatives.items()}}
+                "alternatives": {r: [_spec_dict(s), why] for r, (s, why) in self.alternatives.items()}}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RouteDecision":
@@ -71,8 +71,13 @@ class RouteDecision:
                    {str(r): (SpecParams(**s), str(why)) for r, (s, why) in (d.get("alternatives") or {}).items()})
 
 
+_SPEC_FIELDS = tuple(f.name for f in fields(SpecParams))
+
+
 def _spec_dict(spec: SpecParams | None) -> dict[str, Any] | None:
-    return asdict(spec) if spec is not None else None
+    """asdict(spec) for this flat dataclass, without asdict's recursive deep copy (one per ranked replica
+    per decision)."""
+    return {f: getattr(spec, f) for f in _SPEC_FIELDS} if spec is not None else None
 
 
 def _spec(d: dict[str, Any] | None) -> SpecParams | None:
@@ -168,14 +173,19 @@ def with_decision(hints: dict[str, Any], decision: RouteDecision) -> dict[str, A
     return {**hints, "decision": decision.to_dict()}
 
 
-def stats_of(replica: Any) -> RoutingStats:
-    """RoutingStats of a RunningReplica, keyed by its Serve unique id; neutral when not reported."""
+def stats_of(replica: Any, reports: ReportCache | None = None) -> RoutingStats:
+    """RoutingStats of a RunningReplica, keyed by its Serve unique id; neutral when not reported (or not
+    parseable). With ``reports``, each report is parsed once (``ReportCache``); the result is shared
+    between decisions: read it, never change it."""
     rid = replica.replica_id.unique_id
     d = getattr(replica, "routing_stats", None) or {}
-    try:
-        s = RoutingStats.from_dict({**d, "replica_id": rid}) if d else None
-    except (TypeError, ValueError):
-        s = None
+    if reports is not None:
+        s = reports.parsed(rid, d)
+    else:
+        try:
+            s = RoutingStats.from_dict({**d, "replica_id": rid}) if d else None
+        except (TypeError, ValueError):
+            s = None
     return s or RoutingStats(rid, kv_free_tokens=_UNKNOWN_KV, kv_total_tokens=_UNKNOWN_KV)
 
 
@@ -187,9 +197,12 @@ def order_with_shuffled_ties(choices: list[Choice], rng: random.Random, rel: flo
         j = i + 1
         while j < len(choices) and abs(choices[j].score - choices[i].score) <= rel * max(1.0, abs(choices[i].score)):
             j += 1
-        group = choices[i:j]
-        rng.shuffle(group)
-        out += group
+        if j - i == 1:  # no tie (shuffling one element draws nothing from rng either)
+            out.append(choices[i])
+        else:
+            group = choices[i:j]
+            rng.shuffle(group)
+            out += group
         i = j
     return out
 

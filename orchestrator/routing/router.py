@@ -13,6 +13,10 @@ Contract with the ingress and the replica deployment (orchestrator/routing/decis
   every other ranked replica) travels in the call's kwargs as ``route["decision"]`` (Serve sends
   ``pending_request.kwargs`` after ``choose_replicas`` returns; verified by tests/cpu/test_router.py);
   the replica lands it (``decisions.land``) and reports it back in its first stream item.
+* Per decision the router does O(replicas) small constant work: each replica's report is parsed once
+  (``stats.ReportCache``; Serve hands over new dicts for every replica whenever one reports), the requests
+  sent since a report are kept as running sums (``InFlight``), and ``rank`` looks sessions up in dicts and
+  sets. ``benchmarks/router_cost.py`` measures it (docs/routing.md, "Decision cost").
 * When no replica has KV headroom the request goes to the replica with the most free KV with
   reason ``no-headroom``; the engine's admission then raises NoCapacity (HTTP 429), never OOM.
 """
@@ -25,13 +29,71 @@ from typing import Any
 from orchestrator import fleet as _fleet
 from orchestrator.routing import decisions as _dec
 from orchestrator.routing.score import RouterWeights, rank
-from orchestrator.routing.stats import RoutingStats
+from orchestrator.routing.stats import ReportCache, RoutingStats
 
 try:  # keep the module importable where Serve is absent
     from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 except ImportError:  # pragma: no cover
     RequestRouter = object  # type: ignore[misc,assignment]
     PendingRequest = RunningReplica = Any  # type: ignore[misc,assignment]
+
+
+class InFlight:
+    """Requests a router sent and has not seen complete, per replica: {replica: {request: (t_sent, kv)}}.
+
+    ``unseen(replica, since, now)`` is what that replica's stats cannot show yet: how many of its requests
+    were sent at or after ``since`` (its report's updated_at less a grace) and the KV they need; entries
+    older than ``ttl_s`` are dropped (a completion that never came). Kept as running sums per replica: O(1)
+    per request and per decision; a replica's entries are scanned again only when ``since`` moves (a new
+    report) or its oldest counted entry expires."""
+
+    def __init__(self, ttl_s: float = 600.0):
+        self.ttl_s = ttl_s
+        self._by_replica: dict[str, dict[str, tuple[float, int]]] = {}
+        self._where: dict[str, str] = {}  # request -> replica
+        self._sums: dict[str, list] = {}  # replica -> [since, count, kv, oldest counted t_sent or None]
+
+    def add(self, replica: str, request: str, t: float, need: int) -> None:
+        self.pop(request)
+        self._by_replica.setdefault(replica, {})[request] = (t, need)
+        self._where[request] = replica
+        agg = self._sums.get(replica)
+        if agg is not None and t >= agg[0]:
+            agg[1] += 1
+            agg[2] += need
+            agg[3] = t if agg[3] is None else min(agg[3], t)
+
+    def pop(self, request: str, replica: str | None = None) -> tuple[float, int] | None:
+        """Forget a request (only if it is on ``replica``, when given); its (t_sent, kv) or None."""
+        where = self._where.get(request)
+        if where is None or (replica is not None and where != replica):
+            return None
+        del self._where[request]
+        t, need = self._by_replica[where].pop(request)
+        agg = self._sums.get(where)
+        if agg is not None and t >= agg[0]:
+            agg[1] -= 1
+            agg[2] -= need
+        return t, need
+
+    def unseen(self, replica: str, since: float, now: float) -> tuple[int, int]:
+        agg = self._sums.get(replica)
+        if agg is None or agg[0] != since or (agg[3] is not None and agg[3] < now - self.ttl_s):
+            agg = self._rescan(replica, since, now)
+        return agg[1], agg[2]
+
+    def _rescan(self, replica: str, since: float, now: float) -> list:
+        mine = self._by_replica.get(replica, {})
+        for iid in [i for i, (t, _) in mine.items() if t < now - self.ttl_s]:
+            del mine[iid]
+            del self._where[iid]
+        counted = [(t, need) for t, need in mine.values() if t >= since]
+        agg = [since, len(counted), sum(need for _, need in counted), min((t for t, _ in counted), default=None)]
+        self._sums[replica] = agg
+        return agg
+
+    def __len__(self) -> int:
+        return len(self._where)
 
 
 class SpecfleetRouter(RequestRouter):
@@ -42,19 +104,16 @@ class SpecfleetRouter(RequestRouter):
     ):
         self._weights = RouterWeights(**(weights or {}))
         self._rng = random.Random(seed)
-        # requests sent since the replica's last stats: uid -> {internal id: (t_sent, kv_tokens)}
-        self._inflight: dict[str, dict[str, tuple[float, int]]] = {}
+        self._reports = ReportCache()  # each replica's report, parsed once
+        self._inflight = InFlight()  # requests sent since each replica's last stats
         self._grace_s = float(stats_grace_s)  # a request sent this long before a stats sample may
         # not be admitted yet when the replica measured: keep counting it (conservative)
         _fleet.ROUTERS.attach(self)  # the ingress reads the replica set (node, capacity) from here
 
-    def _corrected(self, replica: Any) -> RoutingStats:
-        s = _dec.stats_of(replica)
-        mine = self._inflight.get(s.replica_id, {})
-        for iid in [i for i, (t, _) in mine.items() if t < time.time() - 600.0]:
-            mine.pop(iid, None)  # completion lost: stop counting it after 10 minutes
-        s.add_inflight([need for t, need in mine.values() if t >= s.updated_at - self._grace_s])
-        return s
+    def _corrected(self, replica: Any, now: float) -> RoutingStats:
+        """The replica's last report (parsed once) with the requests sent since counted in."""
+        s = _dec.stats_of(replica, self._reports)
+        return s.with_inflight(*self._inflight.unseen(s.replica_id, s.updated_at - self._grace_s, now))
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
@@ -68,10 +127,13 @@ class SpecfleetRouter(RequestRouter):
         hints = (pending_request.kwargs.get(_dec.ROUTE_KWARG) if pending_request is not None else None) or {}
         if pending_request is not None and not hints and pending_request.metadata.session_id:
             hints = {"session_id": pending_request.metadata.session_id}
+        if len(self._reports) > 2 * len(candidate_replicas) + 8:
+            self._reports.keep({r.replica_id.unique_id for r in candidate_replicas})
         candidate_replicas = _dec.without_avoided(candidate_replicas, hints)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         req = _dec.route_request_from_hints(hints)
-        stats = [self._corrected(r) for r in candidate_replicas]
+        now = time.time()
+        stats = [self._corrected(r, now) for r in candidate_replicas]
         choices = _dec.order_with_shuffled_ties(rank(req, stats, self._weights), self._rng)
         if choices:
             ordered = [c.replica_id for c in choices]
@@ -83,10 +145,9 @@ class SpecfleetRouter(RequestRouter):
             # must see it (on_request_routed moves it to the replica Serve actually used)
             need = req.prompt_tokens + req.max_tokens
             iid = pending_request.metadata.internal_request_id
-            for mine in self._inflight.values():
-                mine.pop(iid, None)
+            self._inflight.pop(iid)
             if choices:
-                self._inflight.setdefault(ordered[0], {})[iid] = (time.time(), need)
+                self._inflight.add(ordered[0], iid, time.time(), need)
             if _dec.ROUTE_KWARG in pending_request.kwargs:
                 pending_request.kwargs[_dec.ROUTE_KWARG] = _dec.with_decision(hints, decision)
         return [[by_id[rid]] for rid in ordered]
@@ -94,15 +155,13 @@ class SpecfleetRouter(RequestRouter):
     def on_request_routed(self, pending_request: PendingRequest, replica_id: Any, result: Any) -> None:
         uid = replica_id.unique_id
         iid = pending_request.metadata.internal_request_id
-        need = 0
-        for mine in self._inflight.values():
-            prev = mine.pop(iid, None)
-            need = prev[1] if prev else need
+        prev = self._inflight.pop(iid)
+        need = prev[1] if prev else 0
         if not need:
             route0 = pending_request.kwargs.get(_dec.ROUTE_KWARG) or {}
             need = int(route0.get("prompt_tokens") or 0) + int(route0.get("max_tokens") or 0)
-        self._inflight.setdefault(uid, {})[iid] = (time.time(), need)
+        self._inflight.add(uid, iid, time.time(), need)
         _dec.record_dispatch(pending_request, replica_id)
 
     def on_request_completed(self, replica_id: Any, internal_request_id: str) -> None:
-        self._inflight.get(replica_id.unique_id, {}).pop(internal_request_id, None)
+        self._inflight.pop(internal_request_id, replica_id.unique_id)

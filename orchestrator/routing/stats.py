@@ -1,12 +1,16 @@
 """Routing stats: what a replica reports through Ray Serve's routing-stats hook and the router reads.
 
 Torch-free and JSON-safe: a replica's ``record_routing_stats()`` returns ``RoutingStats.to_dict()``;
-the router turns the dict it sees (``{}`` right after deploy) back with ``RoutingStats.from_dict``.
+``RoutingStats.from_dict`` turns such a dict back (every entry checked). The router reads the dict it sees
+(``{}`` right after deploy) once per report through ``ReportCache``: ``RoutingStats.from_report`` keeps the
+tau tables as reported and checks an entry when it is looked up (``ReportedTaus``), so a report of thousands
+of sessions costs the router O(1) to take in and O(1) per lookup.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 TauTable = dict[str, tuple[float, int]]  # key -> (tau EWMA, number of speculative steps behind it)
@@ -33,7 +37,8 @@ class RoutingStats:
     tau_by_constraint: TauTable = field(default_factory=dict)
     tau_by_constrained_session: TauTable = field(default_factory=dict)
     tau_mean: float | None = None
-    cached_sessions: list[str] = field(default_factory=list)  # sessions whose KV prefix is resident
+    # sessions whose KV prefix is resident (a set for O(1) lookups; any iterable is accepted and frozen)
+    cached_sessions: frozenset[str] = field(default_factory=frozenset)
     block_size_default: int = 16  # block at which tau_* were measured (the drafter's block)
     spec_available: bool = True  # False: this replica has no drafter (AR only)
     # optional step-cost model t(batch, tokens/seq) = base + per_token * batch * tokens/seq (ms);
@@ -43,6 +48,10 @@ class RoutingStats:
     draft_ms: float | None = None  # drafter forward per step at the current batch (part of a spec step)
     prefill_ms_per_token: float | None = None
     updated_at: float = 0.0  # wall-clock seconds when measured (time.time())
+
+    def __post_init__(self) -> None:
+        if type(self.cached_sessions) is not frozenset:
+            self.cached_sessions = frozenset(self.cached_sessions)
 
     # ---------------------------------------------------------------- derived
     @property
@@ -55,18 +64,35 @@ class RoutingStats:
     def add_inflight(self, needs: list[int]) -> None:
         """Count requests routed here since this report (each needing ``needs[i]`` KV tokens): they take
         KV and running slots now, the rest queue. The router and the simulator both apply this."""
-        if not needs:
-            return
-        self.kv_free_tokens = max(0, self.kv_free_tokens - sum(needs))
+        if needs:
+            self._count_inflight(len(needs), sum(needs))
+
+    def with_inflight(self, n: int, kv_tokens: int) -> RoutingStats:
+        """``add_inflight`` of ``n`` requests needing ``kv_tokens`` in all, on a copy (this one when n == 0).
+        The copy shares the tables: what a router corrects per decision without copying a report."""
+        if n <= 0:
+            return self
+        out = object.__new__(type(self))  # copy.copy without its generic protocol (one per replica per decision)
+        out.__dict__.update(self.__dict__)
+        out._count_inflight(n, kv_tokens)
+        return out
+
+    def _count_inflight(self, n: int, kv_tokens: int) -> None:
+        self.kv_free_tokens = max(0, self.kv_free_tokens - kv_tokens)
         slots = max(0, self.max_num_seqs - self.num_running)
-        self.num_running += min(len(needs), slots)
-        self.num_waiting += max(0, len(needs) - slots)
+        self.num_running += min(n, slots)
+        self.num_waiting += max(0, n - slots)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        """JSON-safe (json writes the tau entries' tuples as arrays). Tau entries are (tau, n) tuples: after a
+        garbage collection Python stops tracking tuples and dicts of plain numbers, so the reports a router
+        process holds (thousands of entries each) no longer lengthen its full collections (docs/routing.md,
+        "Decision cost")."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}  # scalars; the containers are rebuilt below
         d["step_ms_by_block"] = {str(k): float(v) for k, v in self.step_ms_by_block.items()}
         for key in TAU_TABLES:
-            d[key] = {str(k): [float(v[0]), int(v[1])] for k, v in getattr(self, key).items()}
+            d[key] = {str(k): (float(v[0]), int(v[1])) for k, v in getattr(self, key).items()}
+        d["cached_sessions"] = sorted(self.cached_sessions)
         return d
 
     @classmethod
@@ -80,12 +106,26 @@ class RoutingStats:
             int(k): float(v) for k, v in (d.get("step_ms_by_block") or {}).items() if _finite(v)
         }
         for key in TAU_TABLES:
-            kw[key] = {
-                str(k): (float(v[0]), int(v[1]))
-                for k, v in (d.get(key) or {}).items()
-                if isinstance(v, (list, tuple)) and len(v) == 2 and _finite(v[0])
-            }
-        kw["cached_sessions"] = [str(s) for s in (d.get("cached_sessions") or [])]
+            kw[key] = _tau_table(d.get(key) or {})
+        kw["cached_sessions"] = frozenset(str(s) for s in (d.get("cached_sessions") or []))
+        return cls(**kw)
+
+    @classmethod
+    def from_report(cls, d: dict[str, Any]) -> RoutingStats:
+        """What ``from_dict`` returns, read in place: tau tables of more than ``LAZY_TABLE`` entries stay the
+        reported dicts behind ``ReportedTaus`` views (an entry is checked and converted when looked up; a
+        malformed one reads as absent), the rest is converted now. O(cached sessions), not O(sessions): the
+        router's parse."""
+        if not isinstance(d, dict) or "replica_id" not in d:
+            raise ValueError("routing stats need at least a replica_id")
+        kw = {k: v for k, v in d.items() if k in _FIELDS and k not in TAU_TABLES}
+        kw["step_ms_by_block"] = {
+            int(k): float(v) for k, v in (d.get("step_ms_by_block") or {}).items() if _finite(v)
+        }
+        for key in TAU_TABLES:
+            raw = d.get(key) or {}
+            kw[key] = ReportedTaus(raw) if len(raw) > LAZY_TABLE else _tau_table(raw)
+        kw["cached_sessions"] = frozenset(map(str, d.get("cached_sessions") or ()))
         return cls(**kw)
 
     @classmethod
@@ -133,7 +173,7 @@ class RoutingStats:
             tau_by_constrained_session={str(k): (float(v[0]), int(v[1]))
                                         for k, v in bounded(tags.get("constrained_session", {})).items()},
             tau_mean=stats.tau_mean,
-            cached_sessions=list(cached_sessions or []),
+            cached_sessions=frozenset(cached_sessions or ()),
             block_size_default=int(block_size_default),
             spec_available=bool(spec_available),
             updated_at=float(now),
@@ -145,3 +185,105 @@ def _finite(x: Any) -> bool:
         return math.isfinite(float(x))
     except (TypeError, ValueError):
         return False
+
+
+_FIELDS = frozenset(f.name for f in fields(RoutingStats))
+LAZY_TABLE = 64  # from_report reads tau tables longer than this in place
+
+
+def _tau_table(raw: dict) -> TauTable:
+    """A reported tau table converted whole (entries that are not [finite tau, n] dropped)."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"a tau table must be a dict, got {type(raw).__name__}")
+    return {
+        str(k): (float(v[0]), int(v[1]))
+        for k, v in raw.items()
+        if isinstance(v, (list, tuple)) and len(v) == 2 and _finite(v[0])
+    }
+
+
+def _tau_entry(v: Any) -> tuple[float, int] | None:
+    """A reported ``[tau, n]`` as from_dict converts it; None where from_dict would drop or refuse it."""
+    if not isinstance(v, (list, tuple)) or len(v) != 2 or not _finite(v[0]):
+        return None
+    try:
+        return float(v[0]), int(v[1])
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+class ReportedTaus(Mapping):
+    """A reported tau table (``{key: [tau, n]}``) read in place, as the ``TauTable`` from_dict would build:
+    ``get`` checks and converts one entry. Keys are strings (to_dict writes them so); a table with other
+    keys is converted whole once, as from_dict does."""
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, raw: dict):
+        if not isinstance(raw, dict):
+            raise ValueError(f"a tau table must be a dict, got {type(raw).__name__}")
+        if not set(map(type, raw)) <= {str}:  # (a C loop: ~10 ns a key)
+            raw = {str(k): v for k, v in raw.items()}
+        self._raw = raw
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        v = self._raw.get(key)
+        if v is None:
+            return default
+        e = _tau_entry(v)
+        return default if e is None else e
+
+    def __getitem__(self, key: Any) -> tuple[float, int]:
+        e = _tau_entry(self._raw[key])
+        if e is None:
+            raise KeyError(key)
+        return e
+
+    def __contains__(self, key: Any) -> bool:
+        return self.get(key) is not None
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k, v in self._raw.items() if _tau_entry(v) is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __repr__(self) -> str:
+        return f"ReportedTaus({len(self._raw)} reported)"
+
+
+class ReportCache:
+    """replica id -> its latest report, parsed once (``RoutingStats.from_report``). A report is the same
+    when it is the same dict object, or carries the same ``updated_at`` (> 0): Serve hands the router new
+    dict objects for every replica whenever any replica reports. A report that does not parse gives None
+    (also cached), as does ``{}``."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[dict, float, RoutingStats | None]] = {}
+
+    def parsed(self, replica_id: str, d: dict | None) -> RoutingStats | None:
+        if not d:
+            return None
+        hit = self._last.get(replica_id)
+        if hit is not None:
+            if hit[0] is d:
+                return hit[2]
+            at = d.get("updated_at")
+            if hit[1] and at == hit[1]:
+                self._last[replica_id] = (d, hit[1], hit[2])
+                return hit[2]
+        try:
+            st = RoutingStats.from_report({**d, "replica_id": replica_id})
+        except (TypeError, ValueError):
+            st = None
+        at = d.get("updated_at")
+        self._last[replica_id] = (d, at if isinstance(at, (int, float)) else 0.0, st)
+        return st
+
+    def keep(self, replica_ids: set[str]) -> None:
+        """Forget replicas that left (bounded memory)."""
+        for rid in [r for r in self._last if r not in replica_ids]:
+            del self._last[rid]
+
+    def __len__(self) -> int:
+        return len(self._last)

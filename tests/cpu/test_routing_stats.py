@@ -39,5 +39,17 @@ def test_from_engine_maps_tags_and_telemetry():
     rs = RoutingStats.from_engine("rep", es, tel, ["a"], max_num_seqs=8)
     assert rs.vram_free_bytes == 15 and rs.num_waiting == 3 and rs.max_num_seqs == 8
     assert rs.tau_by_session == {"a": (2.0, 4)} and rs.tau_by_role["coder"] == (5.0, 9)
-    assert rs.step_ms_by_block == {16: 14.0} and rs.cached_sessions == ["a"]
+    assert rs.step_ms_by_block == {16: 14.0} and rs.cached_sessions == {"a"}  # a set: O(1) lookups
     assert RoutingStats.from_engine("cpu", es, {"gpus": []}).vram_free_bytes is None
+
+
+def test_a_report_holds_no_objects_the_garbage_collector_keeps_tracking():
+    import gc
+    import pickle
+
+    d = RoutingStats("r", tau_by_session={f"s{i}": (2.0, 3) for i in range(50)}, cached_sessions=["s1"]).to_dict()
+    d = pickle.loads(pickle.dumps(d))  # as Serve hands it to the router
+    assert d["tau_by_session"]["s1"] == (2.0, 3) and d["cached_sessions"] == ["s1"]
+    gc.collect()
+    assert not gc.is_tracked(d["tau_by_session"]["s1"]) and not gc.is_tracked(d["tau_by_session"])
+    assert RoutingStats.from_dict(d).tau_by_session == RoutingStats.from_report(d).tau_by_session
