@@ -102,3 +102,75 @@ def test_ragged_attention_with_and_without_the_kernel(monkeypatch, dtype, tol):
     without = ragged_attention(q, k, v, kc, vc, inp.attn, hd ** -0.5)
     assert with_kernel.shape == without.shape == (n_all, nh * hd)
     assert (with_kernel.float() - without.float()).abs().max().item() < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_matches_torch_with_ties(dtype):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 5000, generator=g).to(dtype)
+    x[2, 10] = x[2, 4000] = 50.0  # a tie: the first index wins, as in torch
+    x[3] = 0.0
+    assert torch.equal(cpu_kernels.argmax(x), x.argmax(-1))
+    assert torch.equal(cpu_kernels.argmax(x.view(7, 1, 5000)), x.view(7, 1, 5000).argmax(-1))
+
+
+# ---- the engine through the kernels: fp32 greedy speculative == AR == the full-recompute oracle ----
+HD64 = dict(hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1, head_dim=64)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def hd64(request, tmp_path_factory):
+    """A tiny target and drafter with head_dim 64 (the kernels' shapes): llama runs whole layers through the
+    kernels on decode / verify steps, qwen3 (q/k norm) only its attention; the drafter attends through the kernel."""
+    from tests.cpu.test_spec import REQS
+    from tests.helpers.tiny import reference_greedy, tiny_engine
+
+    eng, lm = tiny_engine(tmp_path_factory.mktemp("hd64"), request.param, drafter_block=8,
+                          max_num_batched_tokens=48, model_overrides=HD64)
+    return eng, lm, [reference_greedy(lm.model, p, n) for p, n, _, _ in REQS]
+
+
+def test_engine_through_kernels_is_lossless(hd64, monkeypatch):
+    from tests.cpu.test_spec import run_mixed
+    from workers.models import llama
+
+    eng, lm, oracle = hd64
+    calls = {"layer": 0, "drafter": 0}
+    real_layer, real_draft = llama.DecoderLayer.forward_kernels, type(eng.drafter).propose_hidden_kernel
+
+    def layer(self, *a, **k):
+        calls["layer"] += 1
+        return real_layer(self, *a, **k)
+
+    def draft(self, *a, **k):
+        calls["drafter"] += 1
+        return real_draft(self, *a, **k)
+
+    monkeypatch.setattr(llama.DecoderLayer, "forward_kernels", layer)
+    monkeypatch.setattr(type(eng.drafter), "propose_hidden_kernel", draft)
+    assert run_mixed(eng, all_ar=True) == oracle
+    assert run_mixed(eng) == oracle
+    assert eng.blocks.num_free_blocks == eng.blocks.num_blocks
+    assert calls["drafter"] > 0
+    assert (calls["layer"] > 0) == (lm.model.model.layers[0].self_attn.q_norm is None)
+
+
+def test_drafter_kernel_path_equals_the_gather_path(hd64):
+    """The drafter's block proposal through the kernel (block K/V written into the cache, one non-causal call)
+    equals the gather + mask path, for blocks of different lengths over contiguous and scattered context."""
+    from workers.engine.runner import build_draft_inputs
+
+    eng, _, _ = hd64
+    runner, bs = eng.runner, eng.blocks.block_size
+    nb = eng.blocks.num_blocks
+    g = torch.Generator().manual_seed(5)
+    for k, v in runner.pool.drafter:
+        k.copy_(torch.randn(k.shape, generator=g))
+        v.copy_(torch.randn(v.shape, generator=g))
+    tables = [list(range(0, 12)), torch.randperm(nb, generator=g)[:12].tolist(), list(range(20, 32))]
+    args = dict(anchors=[5, 9, 17], ctx_lens=[3, 29, 11], blocks=[8, 5, 1], tables=tables,
+                mask_token_id=eng.drafter.config.mask_token_id, block_size=bs, device=torch.device("cpu"))
+    plain = runner.propose_logits(build_draft_inputs(**args))
+    fast = runner.propose_logits(build_draft_inputs(**args, kernel=True))
+    for i, n in enumerate(args["blocks"]):  # rows past a block's length are padding on both paths
+        assert (fast[i, : n - 1] - plain[i, : n - 1]).abs().max().item() < 1e-4 if n > 1 else True

@@ -94,12 +94,20 @@ class DraftInputs:
     positions: torch.Tensor  # [B, Q] long
     block_tables: torch.Tensor  # [B, nblk]
     mask: torch.Tensor  # [B, 1, Q, nblk*bs + Q] bool
+    # the CPU kernel's layout (None: the gather + mask path): each block's own K/V are written into the drafter's
+    # cache at the block's positions (slots the target's verify of the same step writes too; positions past the
+    # committed tokens are rewritten before they are read) and every block row attends to its context + block
+    own_rows: torch.Tensor | None = None  # [M] long: the valid rows of the flattened [B*Q] block
+    own_slots: torch.Tensor | None = None  # [M] long: their cache slots
+    runs: np.ndarray | None = None  # [B, 5] int64 (row0, n, kv0, slot0, index): workers/kernels/cpu.py
 
 
 def build_draft_inputs(anchors: list[int], ctx_lens: list[int], blocks: list[int], tables: list[list[int]],
-                       mask_token_id: int, block_size: int, device) -> DraftInputs:
+                       mask_token_id: int, block_size: int, device, kernel: bool = False) -> DraftInputs:
+    """kernel: also the CPU kernel's layout (own_rows / own_slots / runs)."""
     b, q = len(anchors), max(blocks)
-    nblk = max(1, max(-(-c // block_size) for c in ctx_lens))
+    ends = [c + n for c, n in zip(ctx_lens, blocks)] if kernel else ctx_lens  # the kernel also reads the block's own
+    nblk = max(1, max(-(-c // block_size) for c in ends))
     ids = np.full((b, q), mask_token_id, dtype=np.int64)
     ids[:, 0] = anchors
     ctx = np.array(ctx_lens, dtype=np.int64)
@@ -111,7 +119,16 @@ def build_draft_inputs(anchors: list[int], ctx_lens: list[int], blocks: list[int
     own_vis = np.arange(q)[None, :] < np.array(blocks)[:, None]  # [B, Q]
     vis = np.concatenate([ctx_vis, own_vis], axis=1)[:, None, None, :]  # [B, 1, 1, K+Q]
     mask = np.broadcast_to(vis, (b, 1, q, vis.shape[-1])).copy()
-    return DraftInputs(_to(ids, device), _to(pos, device), _to(tab, device), _to(mask, device))
+    d = DraftInputs(_to(ids, device), _to(pos, device), _to(tab, device), _to(mask, device))
+    if kernel:
+        own = np.concatenate([i * q + np.arange(n) for i, n in enumerate(blocks)]).astype(np.int64)
+        seq = own // q
+        p = pos.reshape(-1)[own]
+        d.own_rows = _to(own, device)
+        d.own_slots = _to(tab[seq, p // block_size] * block_size + p % block_size, device)
+        d.runs = np.array([(i * q, n, c, _first_slot(t, block_size), i) for i, (n, c, t) in
+                           enumerate(zip(blocks, ctx_lens, tables))], dtype=np.int64).reshape(-1, 5)
+    return d
 
 
 class ModelRunner:
@@ -139,7 +156,11 @@ class ModelRunner:
         """-> drafter logits [B, Q-1, V] in the model's dtype for block positions 1..Q-1 (V = its draft vocabulary
         when it has one)."""
         emb = self.model.embed(d.block_ids)  # [B, Q, H]
-        h = self.drafter.propose_hidden(emb, d.positions, self.pool.drafter, d.block_tables, d.mask)
+        if d.runs is not None:
+            h = self.drafter.propose_hidden_kernel(emb, d.positions, self.pool.drafter, d.block_tables, d.own_rows,
+                                                   d.own_slots, d.runs)
+        else:
+            h = self.drafter.propose_hidden(emb, d.positions, self.pool.drafter, d.block_tables, d.mask)
         return self.draft_logits(h[:, 1:])
 
     def draft_logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -80,6 +80,13 @@ def _declare(lib: ctypes.CDLL) -> None:
     for name in ("attention_bf16", "attention_f32"):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = sig, ctypes.c_int
+    for sfx in ("bf16", "f32"):
+        for name, args in (("rmsnorm", [_P, _P, _P, _P, _P, _I, _I, ctypes.c_float, ctypes.c_int]),
+                           ("silu_mul", [_P, _P, _I, _I, ctypes.c_int]),
+                           ("argmax", [_P, _P, _I, _I, ctypes.c_int]),
+                           ("rope_qkv", [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, ctypes.c_int])):
+            fn = getattr(lib, f"{name}_{sfx}")
+            fn.argtypes, fn.restype = args, None
 
 
 def library() -> ctypes.CDLL | None:
@@ -135,3 +142,65 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out
        scale, int(causal), torch.get_num_threads())
     if rc != 0:
         raise ValueError(f"attention kernel: head_dim {hd} not built (supports {HEAD_DIMS})")
+
+
+# ---- small fused ops of a decoder layer (fp32 math, one rounding: equal to torch's up to rounding order) ----
+_SFX = {torch.bfloat16: "bf16", torch.float32: "f32"}
+
+
+def supports_layer_ops(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in _SFX and not x.requires_grad and available()
+
+
+def _threads(rows: int) -> int:
+    return torch.get_num_threads() if rows >= 16 else 1
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """x [R, D] (+ residual [R, D]) -> rmsnorm(x (+ residual)) * weight [R, D], and with a residual also the sum
+    (the new residual stream) -> (normed, summed)."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    summed = torch.empty_like(x) if residual is not None else None
+    if residual is not None:
+        residual = residual.contiguous()
+    fn = getattr(library(), "rmsnorm_" + _SFX[x.dtype])
+    fn(x.data_ptr(), residual.data_ptr() if residual is not None else None, weight.data_ptr(), out.data_ptr(),
+       summed.data_ptr() if summed is not None else None, x.shape[0], x.shape[1], eps, _threads(x.shape[0]))
+    return out, summed
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [R, 2I] -> silu(gate) * up [R, I]."""
+    gate_up = gate_up.contiguous()
+    rows, two_i = gate_up.shape
+    out = torch.empty(rows, two_i // 2, dtype=gate_up.dtype)
+    getattr(library(), "silu_mul_" + _SFX[gate_up.dtype])(gate_up.data_ptr(), out.data_ptr(), rows, two_i // 2,
+                                                          _threads(rows))
+    return out
+
+
+def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor,
+             v_cache: torch.Tensor, nh: int) -> torch.Tensor:
+    """qkv [R, (nh + 2 kvh) hd] (fused projection), cos / sin [R, hd] fp32, slots [R] -> q [R, nh, hd] rotated;
+    k rotated and v written into the cache [nb, bs, kvh, hd] at their slots."""
+    qkv = qkv.contiguous()
+    rows = qkv.shape[0]
+    _, _, kvh, hd = k_cache.shape
+    q = torch.empty(rows, nh, hd, dtype=qkv.dtype)
+    getattr(library(), "rope_qkv_" + _SFX[qkv.dtype])(
+        qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), q.data_ptr(), k_cache.data_ptr(),
+        v_cache.data_ptr(), rows, nh, kvh, hd, _threads(rows))
+    return q
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """x [..., n] -> [...] long: torch.argmax(x, -1) (first maximum; NaN is the maximum) in one pass. torch's
+    CPU argmax over bf16 rows runs element by element at ~1 ms a 49k-token row; this is ~40x faster."""
+    if not (x.device.type == "cpu" and x.dtype in _SFX and x.shape[-1] > 0 and available()):
+        return x.argmax(-1)
+    flat = x.reshape(-1, x.shape[-1]).contiguous()
+    out = torch.empty(flat.shape[0], dtype=torch.long)
+    getattr(library(), "argmax_" + _SFX[x.dtype])(flat.data_ptr(), out.data_ptr(), flat.shape[0], flat.shape[1],
+                                                  torch.get_num_threads() if flat.shape[0] >= 4 else 1)
+    return out.view(x.shape[:-1])

@@ -186,11 +186,104 @@ int dispatch(const T* q, const T* kc, const T* vc, T* out, int64_t nseq, const i
   }
 }
 
+// out [rows] = index of the first maximum of each row of x [rows, n] (torch.argmax's tie rule; a NaN counts as
+// the maximum, as in torch). One pass, no fp32 copy of bf16 logits.
+template <typename T>
+void argmax_rows(const T* x, int64_t* out, int64_t rows, int64_t n, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) if (rows >= 4)
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = x + r * n;
+    int64_t best = 0;
+    float bv = load(xr[0]);
+    if (!std::isnan(bv)) {
+      for (int64_t i = 1; i < n; ++i) {
+        const float v = load(xr[i]);
+        if (v > bv || std::isnan(v)) {
+          best = i;
+          bv = v;
+          if (std::isnan(v)) break;
+        }
+      }
+    }
+    out[r] = best;
+  }
+}
+
+// ---- small fused ops of a decoder layer (each replaces several torch calls of a few elements each) ----
+
+// out = rmsnorm(s) * w with s = x (+ residual: then s, rounded to T, is also written to res_out). [rows, dim]
+template <typename T>
+void rmsnorm(const T* x, const T* residual, const T* w, T* out, T* res_out, int64_t rows, int64_t dim, float eps,
+             int nthreads) {
+#pragma omp parallel for num_threads(nthreads) if (rows >= 16)
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = x + r * dim;
+    T* o = out + r * dim;
+    std::vector<float> buf(dim);
+    float ss = 0.f;
+    for (int64_t d = 0; d < dim; ++d) {
+      float v = load(xr[d]);
+      if (residual) {
+        T rounded;
+        store(&rounded, v + load(residual[r * dim + d]));
+        res_out[r * dim + d] = rounded;
+        v = load(rounded);
+      }
+      buf[d] = v;
+      ss += v * v;
+    }
+    const float inv = 1.f / std::sqrt(ss / static_cast<float>(dim) + eps);
+    for (int64_t d = 0; d < dim; ++d) store(o + d, buf[d] * inv * load(w[d]));
+  }
+}
+
+// out [rows, inter] = silu(gu[:, :inter]) * gu[:, inter:]
+template <typename T>
+void silu_mul(const T* gu, T* out, int64_t rows, int64_t inter, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) if (rows >= 16)
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* g = gu + r * 2 * inter;
+    const T* u = g + inter;
+    T* o = out + r * inter;
+    for (int64_t d = 0; d < inter; ++d) {
+      const float a = load(g[d]);
+      store(o + d, a / (1.f + std::exp(-a)) * load(u[d]));
+    }
+  }
+}
+
+// Llama attention inputs from the fused q/k/v projection: qkv [rows, (nh + 2 kvh) * hd] -> q_out [rows, nh, hd]
+// rotated; k rotated and v written to the cache at slots [rows]. cos / sin [rows, hd] fp32 (rotate-half RoPE:
+// x * cos + [-x2, x1] * sin).
+template <typename T>
+void rope_qkv(const T* qkv, const float* cos, const float* sin, const int64_t* slots, T* q_out, T* kc, T* vc,
+              int64_t rows, int64_t nh, int64_t kvh, int64_t hd, int nthreads) {
+  const int64_t half = hd / 2, width = (nh + 2 * kvh) * hd;
+#pragma omp parallel for num_threads(nthreads) if (rows >= 16)
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* src = qkv + r * width;
+    const float* c = cos + r * hd;
+    const float* s = sin + r * hd;
+    for (int64_t h = 0; h < nh + kvh; ++h) {
+      const T* x = src + h * hd;
+      T* o = h < nh ? q_out + (r * nh + h) * hd : kc + (slots[r] * kvh + (h - nh)) * hd;
+      for (int64_t d = 0; d < half; ++d) {
+        const float x1 = load(x[d]), x2 = load(x[d + half]);
+        store(o + d, x1 * c[d] - x2 * s[d]);
+        store(o + d + half, x2 * c[d + half] + x1 * s[d + half]);
+      }
+    }
+    const T* v = src + (nh + kvh) * hd;
+    T* vo = vc + slots[r] * kvh * hd;
+    for (int64_t d = 0; d < kvh * hd; ++d) vo[d] = v[d];
+  }
+}
+
 }  // namespace
 
 extern "C" {
 
-int specfleet_kernels_version() { return 3; }
+int specfleet_kernels_version() { return 4; }
 
 // head_dim 64 or 128 (returns -1 for any other: the caller checks head_dims() first)
 int attention_bf16(const uint16_t* q, const uint16_t* kc, const uint16_t* vc, uint16_t* out, int64_t nseq,
@@ -204,5 +297,26 @@ int attention_f32(const float* q, const float* kc, const float* vc, float* out, 
                   float scale, int causal, int nthreads) {
   return dispatch(q, kc, vc, out, nseq, meta, tables, tstride, block_size, nh, kvh, hd, scale, causal, nthreads);
 }
+
+#define SPECFLEET_SMALL_OPS(SUFFIX, T)                                                                          \
+  void rmsnorm_##SUFFIX(const T* x, const T* residual, const T* w, T* out, T* res_out, int64_t rows, int64_t dim, \
+                        float eps, int nthreads) {                                                               \
+    rmsnorm(x, residual, w, out, res_out, rows, dim, eps, nthreads);                                             \
+  }                                                                                                              \
+  void silu_mul_##SUFFIX(const T* gu, T* out, int64_t rows, int64_t inter, int nthreads) {                       \
+    silu_mul(gu, out, rows, inter, nthreads);                                                                    \
+  }                                                                                                              \
+  void rope_qkv_##SUFFIX(const T* qkv, const float* cos, const float* sin, const int64_t* slots, T* q_out, T* kc, \
+                         T* vc, int64_t rows, int64_t nh, int64_t kvh, int64_t hd, int nthreads) {               \
+    rope_qkv(qkv, cos, sin, slots, q_out, kc, vc, rows, nh, kvh, hd, nthreads);                                  \
+  }
+void argmax_bf16(const uint16_t* x, int64_t* out, int64_t rows, int64_t n, int nthreads) {
+  argmax_rows(x, out, rows, n, nthreads);
+}
+void argmax_f32(const float* x, int64_t* out, int64_t rows, int64_t n, int nthreads) {
+  argmax_rows(x, out, rows, n, nthreads);
+}
+SPECFLEET_SMALL_OPS(bf16, uint16_t)
+SPECFLEET_SMALL_OPS(f32, float)
 
 }  // extern "C"

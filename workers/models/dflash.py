@@ -250,6 +250,37 @@ class DFlashDrafter(nn.Module):
         return self.norm(x)
 
 
+    def propose_hidden_kernel(
+        self,
+        block_embeds: torch.Tensor,  # [B, Q, H]
+        q_positions: torch.Tensor,  # [B, Q]
+        kv_caches,  # per drafter layer (k, v) [nb, bs, kvh, hd]
+        block_tables: torch.Tensor,  # [B, nblk]
+        own_rows: torch.Tensor,  # [M] valid rows of the flattened block
+        own_slots: torch.Tensor,  # [M] their cache slots
+        runs,  # np [B, 5]: the kernel's per-block layout (workers/kernels/cpu.py)
+    ) -> torch.Tensor:  # [B, Q, H]; rows past a block's length are computed from zeros and ignored
+        """``propose_hidden`` through the CPU attention kernel: each layer writes the block's own K/V into the
+        cache at the block's positions, then one kernel call attends every block row to its context + block."""
+        from workers.kernels import cpu as cpu_kernels
+
+        b, q, hid = block_embeds.shape
+        cos, sin = rope_cos_sin(self.rope, q_positions)
+        cos, sin = cos.to(block_embeds.dtype), sin.to(block_embeds.dtype)
+        x = block_embeds
+        for layer, (kcache, vcache) in zip(self.layers, kv_caches):
+            at = layer.self_attn
+            h = layer.input_layernorm(x)
+            kb, vb = at.kv(h, cos, sin)  # [B, Q, kvh, hd]
+            write_kv(kcache, vcache, kb.reshape(b * q, *kb.shape[2:])[own_rows],
+                     vb.reshape(b * q, *vb.shape[2:])[own_rows], own_slots)
+            qq = at.q(h, cos, sin).reshape(b * q, at.num_heads, at.head_dim).contiguous()
+            out = torch.zeros_like(qq)
+            cpu_kernels.attention(qq, kcache, vcache, out, runs, block_tables, at.scale, causal=False)
+            x = layer.finish(x, at.o_proj(out.view(b, q, at.num_heads * at.head_dim)))
+        return self.norm(x)
+
+
 def validate_against_target(c: DrafterConfig, target: ModelConfig) -> None:
     if c.hidden_size != target.hidden_size:
         raise IncompatibleDrafter(f"drafter hidden_size {c.hidden_size} != target hidden_size {target.hidden_size}")

@@ -19,8 +19,17 @@ from torch import nn
 
 import dataclasses
 
+from workers.kernels import cpu as cpu_kernels
 from workers.models.attention import AttnMetadata, attn_bias, paged_attention, ragged_attention, write_kv
 from workers.models.config import ModelConfig, rope_table
+
+
+@dataclasses.dataclass
+class FastRope:
+    """RoPE of this step's positions in fp32 for the CPU kernels' layer path: cos / sin [N, hd] contiguous."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
 
 
 class RMSNorm(nn.Module):
@@ -100,6 +109,17 @@ class Attention(nn.Module):
             return self.o_proj(ragged_attention(q, k, v, kv[0], kv[1], meta, self.scale))
         return self.o_proj(paged_attention(q, kv[0], kv[1], meta, self.scale))
 
+    def forward_kernels(self, x, rope: FastRope, kv: tuple[torch.Tensor, torch.Tensor], meta: AttnMetadata):
+        """``forward_paged`` through the CPU kernels (a step of short query runs only): x [N, H] -> [N, H]."""
+        if self.fused_qkv is not None:
+            qkv = self.fused_qkv(x)
+        else:
+            qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        q = cpu_kernels.rope_qkv(qkv, rope.cos, rope.sin, meta.slot_mapping, kv[0], kv[1], self.num_heads)
+        out = torch.empty_like(q)
+        cpu_kernels.attention(q, kv[0], kv[1], out, meta.short_runs, meta.block_tables, self.scale, causal=True)
+        return self.o_proj(out.view(x.shape[0], self.num_heads * self.head_dim))
+
 
 class MLP(nn.Module):
     def __init__(self, h: int, inter: int, bias: bool = False):
@@ -116,6 +136,12 @@ class MLP(nn.Module):
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(F.silu(gate) * up)
 
+    def forward_kernels(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, H] -> [N, H] with silu(gate) * up in one CPU-kernel call."""
+        gu = self.fused_gate_up(x) if self.fused_gate_up is not None else \
+            torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)
+        return self.down_proj(cpu_kernels.silu_mul(gu))
+
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -128,6 +154,15 @@ class DecoderLayer(nn.Module):
 
     def _reduce(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.all_reduce is None else self.all_reduce(x)
+
+    def forward_kernels(self, x, rope: FastRope, kv, meta: AttnMetadata):
+        """The serving forward of a step of short query runs through the CPU kernels: norms, RoPE + K/V write,
+        attention and silu * up each one call (the GEMMs stay oneDNN's)."""
+        n1, n2 = self.input_layernorm, self.post_attention_layernorm
+        h, _ = cpu_kernels.rmsnorm(x, n1.weight, n1.eps)
+        a = self._reduce(self.self_attn.forward_kernels(h, rope, kv, meta))
+        h, x = cpu_kernels.rmsnorm(a, n2.weight, n2.eps, residual=x)
+        return x + self._reduce(self.mlp.forward_kernels(h))
 
     def forward(self, x, cos, sin, attn_mask=None, kv=None, meta: AttnMetadata | None = None):
         h = self.input_layernorm(x)
@@ -195,6 +230,15 @@ class CausalLM(nn.Module):
         """Plain logits [B, T, V] (test oracle)."""
         return self.logits(self.forward_hidden(input_ids, positions)[0])
 
+    def kernel_step(self, x: torch.Tensor, meta: AttnMetadata) -> bool:
+        """Whether this step runs through the CPU kernels: the CPU's ragged layout with short query runs only
+        (decode / verify; prefill chunks keep the torch path), a Llama-style layer (no q/k norm), a supported
+        dtype and head_dim, the kernels built."""
+        at = self.model.layers[0].self_attn
+        return (meta.seqs is not None and meta.short_runs is not None and len(meta.short_runs) == len(meta.seqs)
+                and at.q_norm is None and at.head_dim in cpu_kernels.HEAD_DIMS and at.head_dim % 2 == 0
+                and cpu_kernels.supports_layer_ops(x))
+
     def forward_paged(
         self,
         input_ids: torch.Tensor,  # [N]
@@ -207,13 +251,20 @@ class CausalLM(nn.Module):
         """Serving forward: (final hidden [N, H], captured layer outputs concatenated [N, n_cap*H] or None)."""
         cos, sin = rope_cos_sin(self.rope, positions)
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        if meta.seqs is None:
-            meta = dataclasses.replace(meta, mask=attn_bias(meta.mask, x.dtype))  # once, shared by every layer
         want, captured = set(capture_layers), {}
-        for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, kv=kv_caches[i], meta=meta)
-            if i in want:
-                captured[i] = x
+        if self.kernel_step(x, meta):
+            rope = FastRope(cos[:, 0].contiguous(), sin[:, 0].contiguous())  # [N, hd] fp32
+            for i, layer in enumerate(self.model.layers):
+                x = layer.forward_kernels(x, rope, kv_caches[i], meta)
+                if i in want:
+                    captured[i] = x
+        else:
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+            if meta.seqs is None:
+                meta = dataclasses.replace(meta, mask=attn_bias(meta.mask, x.dtype))  # once, shared by every layer
+            for i, layer in enumerate(self.model.layers):
+                x = layer(x, cos, sin, kv=kv_caches[i], meta=meta)
+                if i in want:
+                    captured[i] = x
         cap = torch.cat([captured[i] for i in capture_layers], dim=-1) if captured else None
         return self.model.norm(x), cap

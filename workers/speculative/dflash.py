@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from workers.engine.runner import ModelRunner, build_draft_inputs
+from workers.kernels import cpu as cpu_kernels
 from workers.engine.sampling import RowParams, processed_probs, sample
 from workers.speculative.proposer import CommitBatch, Draft, ProposeRequest, ProposerContext
 
@@ -28,6 +29,9 @@ class DFlashProposer:
         self.vocab_size = c.vocab_size
         self.kv_block_size = kv_block_size
         self.device = device
+        probe = torch.empty(1, c.num_attention_heads, c.head_dim, dtype=next(drafter.parameters()).dtype)
+        self.use_kernel = device.type == "cpu" and cpu_kernels.supports_attention(
+            probe, torch.empty(1, 1, c.num_key_value_heads, c.head_dim, dtype=probe.dtype))
 
     def propose(self, batch: list[ProposeRequest], runner: ModelRunner) -> list[Draft]:
         if not batch:
@@ -36,6 +40,7 @@ class DFlashProposer:
             anchors=[r.token_ids[-1] for r in batch], ctx_lens=[r.num_computed for r in batch],
             blocks=[r.num_drafts + 1 for r in batch], tables=[r.block_table for r in batch],
             mask_token_id=self.mask_token_id, block_size=self.kv_block_size, device=self.device,
+            kernel=self.use_kernel,
         )
         logits = runner.propose_logits(d)  # [B, Q-1, V], or [B, Q-1, Vd] over the draft vocabulary
         # [Vd] token id of each draft-vocabulary column, or None (full vocabulary)
@@ -53,7 +58,7 @@ class DFlashProposer:
         for idx in by_guide.values():  # grammar-constrained requests: drafted through their grammar
             drawn = batch[idx[0]].guide.draw([batch[i] for i in idx], [logits[i, : batch[i].num_drafts] for i in idx])
             guided.update(zip(idx, drawn))
-        top = logits.argmax(-1)  # [B, Q-1]
+        top = cpu_kernels.argmax(logits)  # [B, Q-1]
         greedy = (top if vocab is None else vocab[top]).tolist()
         out: list[Draft] = []
         for i, r in enumerate(batch):

@@ -20,6 +20,7 @@ import torch
 
 from workers.engine.params import SamplingParams
 from workers.engine.sampling import RowParams, processed_probs
+from workers.kernels import cpu as cpu_kernels
 
 
 @dataclass
@@ -39,7 +40,7 @@ class TargetRows:
         if stoch:
             probs = processed_probs(logits[torch.tensor(stoch, device=logits.device)],
                                     RowParams.build([params[r] for r in stoch], logits.device))
-        return cls(logits.argmax(-1).tolist(), probs, {r: i for i, r in enumerate(stoch)})
+        return cls(cpu_kernels.argmax(logits).tolist(), probs, {r: i for i, r in enumerate(stoch)})
 
     def p(self, row: int, n: int = 1) -> torch.Tensor:
         """[n, V] processed probabilities of logits rows row .. row+n-1 (rows of one request)."""
