@@ -20,4 +20,5 @@ class EngineConfig:
     spec_block_size: int = 16  # default SpecParams.block_size: anchor + drafts (vLLM num_speculative_tokens + 1)
     seed: int = 0
     cuda_graphs: bool = False  # workers/engine/graph_runner.py: CUDA graphs on GPU (tp == 1), static-buffer replay on CPU
+    calibrate_step_costs: bool = False  # time AR / speculative steps at start-up (workers/engine/calibrate.py): the router's step costs
     cpu_packed_weights: bool = True  # workers/models/packed.py: oneDNN-reordered bf16 weights where the CPU has native bf16

@@ -92,6 +92,17 @@ class LLMEngine:
         self._pending: list[RequestOutput] = []
         self._structured = None  # workers/structured/decoding.py, built on the first constrained request
         self._structured_lock = threading.Lock()
+        self.step_costs: dict | None = None
+        if cfg.calibrate_step_costs:
+            self.calibrate()
+
+    def calibrate(self) -> dict:
+        """Measure this engine's step costs (it must be idle), keep them for ``stats()``, start the stats afresh."""
+        from workers.engine.calibrate import measure_step_costs
+
+        self.step_costs = measure_step_costs(self).to_dict()
+        self.tracker = StatsTracker(max_block=max(self.max_block, 2))  # calibration steps are not traffic
+        return self.step_costs
 
     @property
     def drafter(self):
@@ -268,6 +279,7 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         s = self.scheduler
-        return self.tracker.snapshot(self.blocks.free_tokens, self.blocks.total_tokens, len(s.running),
-                                     len(s.waiting))
+        st = self.tracker.snapshot(self.blocks.free_tokens, self.blocks.total_tokens, len(s.running), len(s.waiting))
+        st.step_costs = self.step_costs
+        return st
 

@@ -128,6 +128,9 @@ class EngineStats:
     accept_by_position: list[float] = field(default_factory=list)  # P(position k accepted)
     tokens_generated: int = 0
     target_passes: int = 0
+    # measured at start-up (workers/engine/calibrate.py StepCosts.to_dict()): {"ar_ms": {batch: ms},
+    # "spec_ms": {block: {batch: ms}}, "draft_ms": {block: {batch: ms}}}; None = not measured
+    step_costs: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
