@@ -2,10 +2,13 @@
 
     python -m benchmarks.router_cost [--replicas 64] [--sessions 10000] [--per-replica 1250] [--cached 200]
         [--decisions 3000] [--rate 1000] [--stats-period 1.0] [--new-frac 0.3] [--seed 0] [--out FILE]
+        [--step-costs measured|none]
 
 Every replica reports what a replica's ``record_routing_stats()`` returns (``RoutingStats.to_dict()``):
 ``--per-replica`` sessions drawn from ``--sessions`` with their tau (by session, constrained session, role,
-team, grammar kind), ``--cached`` of them with a resident KV prefix, step times at blocks 4 / 8 / 16.
+team, grammar kind), ``--cached`` of them with a resident KV prefix, step times at blocks 4 / 8 / 16 (live EWMAs, and with
+``--step-costs measured``, the default as served replicas calibrate at start-up, the measured step-cost table:
+AR and blocks 4 / 8 / 16 at batches 1 / 4 / 16; added to the report dict, which code before tables ignores).
 Requests: ``--new-frac`` of them from sessions no replica has seen, the rest from known sessions (random
 role-team pairs as the sessions have them, growing prompts with a cached prefix where one is resident).
 
@@ -88,7 +91,23 @@ class Fleet:
                 prefill_ms_per_token=0.4,
             ))
             self._move(self.stats[-1])
-        self.reports = [s.to_dict() for s in self.stats]
+        self.tables = [self._table(s.step_ms_ar) if a.step_costs == "measured" else None for s in self.stats]
+        self.reports = [self._dict(i) for i in range(a.replicas)]
+
+    @staticmethod
+    def _table(ar: float) -> dict:
+        """A calibration table shaped like this CPU's (docs/routing.md, 'Step costs'), scaled to ``ar`` ms."""
+        rows = {"1": 1.0, "4": 1.5, "16": 4.3}
+        spec = {"4": {"1": 1.9, "4": 4.3, "16": 13.0}, "8": {"1": 2.15, "4": 5.4, "16": 16.0},
+                "16": {"1": 2.4, "4": 6.7, "16": 21.5}}
+        return {"ar_ms": {b: ar * f for b, f in rows.items()},
+                "spec_ms": {k: {b: ar * f for b, f in r.items()} for k, r in spec.items()}, "draft_ms": {}}
+
+    def _dict(self, i: int) -> dict:
+        d = self.stats[i].to_dict()
+        if self.tables[i] is not None:
+            d["step_costs"] = self.tables[i]
+        return d
 
     def _tau(self) -> tuple[float, int]:
         return self.rng.uniform(1.0, 9.0), self.rng.randint(1, 300)
@@ -104,7 +123,7 @@ class Fleet:
 
     def report(self, i: int) -> dict:
         self._move(self.stats[i])
-        self.reports[i] = self.stats[i].to_dict()
+        self.reports[i] = self._dict(i)
         return self.reports[i]
 
     def request(self, k: int) -> dict:
@@ -150,6 +169,8 @@ def main() -> None:
     p.add_argument("--inflight", type=int, default=1024, help="requests in flight (routed, not completed)")
     p.add_argument("--parse-reps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step-costs", choices=("measured", "none"), default="measured",
+                   help="replicas report a measured step-cost table (start-up calibration) or only EWMAs")
     p.add_argument("--out", default=None, help="write the result as JSON here too")
     a = p.parse_args()
 

@@ -8,7 +8,10 @@ B300 roofline). Each step advances every running sequence: AR commits 1 token; a
 sequence at block B commits 1 + k tokens, k ~ consecutive acceptances with the per-position
 acceptance alpha of (this replica's drafter, the agent's role), capped at B - 1. Replicas report
 EWMA acceptance per session / role / team and step times through RoutingStats every
-`stats_period_s`, which is what the router sees (plus its own in-flight corrections).
+`stats_period_s`, which is what the router sees (plus its own in-flight corrections). A replica with
+`calibrated` (the default, as served replicas calibrate at start-up) also reports the step-cost table a real
+engine measures (workers/engine/calibrate.py: AR and blocks 4 / 8 / 16 at batches 1 / 4 / 16 on a 64-token
+prompt), read off its step model, so the router scores it through the same measured-cost path.
 
 Sessions are closed loops over the trace (benchmarks/workload.py): turn k+1 goes out think_s after
 turn k's answer; its prompt is the session's growing context.
@@ -24,6 +27,8 @@ from dataclasses import dataclass, field
 from orchestrator.routing.baselines import hash_order
 from orchestrator.routing.score import RouteRequest, RouterWeights, rank
 from orchestrator.routing.stats import RoutingStats
+from orchestrator.routing.step_costs import StepCostTable
+from workers.engine.calibrate import DEFAULT_BATCHES, DEFAULT_BLOCKS, StepCosts
 from workers.engine.params import SpecParams
 
 EWMA = 0.2
@@ -40,6 +45,20 @@ class ReplicaSpecSim:
     spec_available: bool = True
     max_num_seqs: int = 16
     max_ongoing: int = 32
+    calibrated: bool = True  # reports the step-cost table a calibrating engine measures (else EWMAs only)
+
+
+CALIBRATION_CTX = 64  # tokens of context in the engine's calibration steps (its synthetic prompt)
+
+
+def calibrated_costs(spec: ReplicaSpecSim) -> dict:
+    """The table workers/engine/calibrate.py would measure on this replica: its step model at the calibration's
+    batches (within max_num_seqs) and blocks (within the drafter's), in ms, JSON form."""
+    batches = [b for b in DEFAULT_BATCHES if b <= spec.max_num_seqs]
+    blocks = [k for k in DEFAULT_BLOCKS if 2 <= k <= spec.block_size] if spec.spec_available else []
+    ctx = CALIBRATION_CTX
+    return StepCosts(ar_ms={b: spec.step.ar_s(b, ctx) * 1000 for b in batches},
+                     spec_ms={k: {b: spec.step.spec_s(b, k, ctx) * 1000 for b in batches} for k in blocks}).to_dict()
 
 
 @dataclass
@@ -79,6 +98,7 @@ class _Replica:
         self.snapshot: RoutingStats | None = None
         self.snapshot_t = -1.0
         self.kv_trace: list[tuple[float, float]] = []
+        self.step_costs = StepCostTable.parse(calibrated_costs(spec)) if spec.calibrated else None
 
     @property
     def ongoing(self) -> int:
@@ -90,6 +110,7 @@ class _Replica:
             kv_total_tokens=self.s.kv_total_tokens, num_running=len(self.running),
             num_waiting=len(self.waiting), max_num_seqs=self.s.max_num_seqs,
             step_ms_ar=self.step_ms_ar, step_ms_by_block=dict(self.step_ms_by_block),
+            step_batch=len(self.running), step_costs=self.step_costs,
             tau_by_session=dict(self.tau["session"]), tau_by_role=dict(self.tau["role"]),
             tau_by_team=dict(self.tau["team"]), tau_mean=self.tau_mean,
             block_size_default=self.s.block_size, spec_available=self.s.spec_available,

@@ -6,6 +6,11 @@ each target pass commits 1 + k tokens where k counts consecutive drafted positio
 probability p (p per agent role from the MockProfile), capped at block_size - 1. KV accounting is
 real: a request reserves prompt + max_tokens tokens at admission and `NoCapacity` is raised when
 the pool cannot hold that; the reservation is released when the request ends.
+
+Step costs: a target pass sleeps ``step_ms`` (AR) or ``step_ms x (1 + block / 32)`` (speculative), whatever the
+batch. ``stats().step_costs`` reports that model as the table a calibrating real engine measures
+(workers/engine/calibrate.py: AR and blocks 4 / 8 / 16 at batches 1 / 4 / 16 within max_num_seqs, plus the
+drafter's own block), so routing over mock replicas takes the same measured-cost path as over real ones.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from orchestrator.config import MockProfile
+from workers.engine.calibrate import DEFAULT_BATCHES, DEFAULT_BLOCKS, StepCosts
 from workers.engine.params import (
     EngineError,
     EngineStats,
@@ -86,6 +92,7 @@ class MockEngine:
         self.eos_token_ids = [ByteTokenizer.eos_token_id]
         self.block_size = block_size
         self.speculative = speculative
+        self.max_num_seqs = max_num_seqs
         self._slots = asyncio.Semaphore(max_num_seqs)
         self._requests: dict[str, _Request] = {}
         self._kv_used = 0
@@ -102,6 +109,7 @@ class MockEngine:
         self._admitted = 0
         self._closed = False
         self._last_progress = time.monotonic()
+        self._step_costs = self.step_costs()
 
     # ---- fault injection (tests) ----
     def wedge(self) -> None:
@@ -187,7 +195,7 @@ class MockEngine:
             k = 0
             while req.spec.enabled and k < block - 1 and req.rng.random() < p:
                 k += 1
-            step_ms = self.profile.step_ms * ((1.0 + block / 32.0) if req.spec.enabled else 1.0)
+            step_ms = self.step_ms(block if req.spec.enabled else None)
             await asyncio.sleep(step_ms / 1000.0)
             n_new = min(1 + k, req.sampling.max_tokens - len(produced))
             new = [ord(_CORPUS[(offset + len(produced) + i) % len(_CORPUS)]) + 3 for i in range(n_new)]
@@ -212,6 +220,21 @@ class MockEngine:
                                 finish_reason=finish, committed=[n_new])
             if finish:
                 return
+
+    def step_ms(self, block: int | None) -> float:
+        """One target pass: AR (block None) or speculative at ``block``; the same at every batch."""
+        return self.profile.step_ms * ((1.0 + block / 32.0) if block else 1.0)
+
+    def step_costs(self) -> dict | None:
+        """``step_ms`` as the table a calibrating engine reports (EngineStats.step_costs); None where a pass
+        takes no time (``step_ms`` 0: nothing to measure)."""
+        if self.profile.step_ms <= 0:
+            return None
+        batches = [b for b in DEFAULT_BATCHES if b <= self.max_num_seqs] or [self.max_num_seqs]
+        blocks = sorted({k for k in DEFAULT_BLOCKS if 2 <= k <= self.block_size} | {self.block_size}) \
+            if self.speculative and self.block_size >= 2 else []
+        return StepCosts(ar_ms={b: self.step_ms(None) for b in batches},
+                         spec_ms={k: {b: self.step_ms(k) for b in batches} for k in blocks}).to_dict()
 
     def _record(self, req: _Request, k: int | None, step_ms: float, block: int) -> None:
         self._last_progress = time.monotonic()
@@ -252,6 +275,7 @@ class MockEngine:
             accept_by_position=list(self._accept_pos) if self._accept_n else [],
             tokens_generated=self._tokens,
             target_passes=self._passes,
+            step_costs=self._step_costs,
         )
 
     def telemetry(self) -> dict:

@@ -13,6 +13,9 @@ Acceptance is modelled as i.i.d. per position (alpha) so a tau measured at the d
 predicts tau at a smaller block; speculation is steered per request: the block maximising
 tau(B)/t_spec(B) is used when it beats 1/t_ar by ``spec_margin``, else ``SpecParams(enabled=False)``.
 Replicas whose free KV < (uncached prompt + max_tokens + block) x kv_safety are excluded.
+Step times (``step_times``): the replica's measured step-cost table (start-up calibration, step_costs.py),
+interpolated over batch and block and corrected by its live EWMAs; without one its EWMAs scaled by
+``batch_slope``; with nothing measured a guess (``default_step_ms``, ``spec_cost_ratio``).
 
 Cost: O(replicas), a few dict / set lookups and some arithmetic per replica. What depends only on a report
 (blocks, step times at the batch) and alpha per tau are memoised on their inputs (pure: the same inputs give
@@ -26,6 +29,7 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, ConfigDict, Field
 
 from orchestrator.routing.stats import RoutingStats
+from orchestrator.routing.step_costs import StepCostTable
 from workers.engine.params import SpecParams
 
 REASONS = ("only", "headroom", "affinity", "explore", "acceptance", "load")
@@ -55,8 +59,10 @@ class RouterWeights(BaseModel):
     block_sizes: list[int] = Field(default_factory=list, description="candidate blocks (default: measured)")
     default_step_ms: float = Field(20.0, gt=0, description="AR step time before any measurement")
     default_prefill_ms_per_token: float = Field(0.5, ge=0)
-    batch_slope: float = Field(0.03, ge=0, description="relative step-time growth per extra sequence")
-    spec_cost_ratio: float = Field(1.5, ge=1.0, description="spec step / AR step at block 16, unmeasured")
+    batch_slope: float = Field(0.03, ge=0, description="relative step-time growth per extra sequence, where "
+                               "no step-cost table measured it (EWMAs; a table row of one batch)")
+    spec_cost_ratio: float = Field(1.5, ge=1.0, description="spec step / AR step at block 16, assumed only "
+                                   "where the replica measured no speculative step")
 
 
 @dataclass
@@ -204,8 +210,18 @@ def estimate_tau(req: RouteRequest, r: RoutingStats, cfg: RouterWeights) -> tupl
 
 
 # ------------------------------------------------------------------ step-time model
-def _step_times(r: RoutingStats, cfg: RouterWeights, batch: int, blocks: list[int]):
-    """(t_ar(batch) ms, {block: t_spec(batch, block) ms}) for a replica with `batch` running sequences."""
+LIVE_FACTOR = (0.25, 4.0)  # bounds of the live correction of a measured table (EWMA / table at the batch)
+
+
+def step_times(r: RoutingStats, cfg: RouterWeights, batch: int, blocks: list[int]) -> tuple[float, dict[int, float]]:
+    """(t_ar(batch) ms, {block: t_spec(batch, block) ms}) for a replica with `batch` running sequences, from
+    the best the replica measured: (a) its step-cost table (start-up calibration), interpolated over batch and
+    block and scaled by the live correction (``live_factors``); (b) an explicit linear model; (c) its step-time
+    EWMAs scaled to the batch by ``batch_slope``; (d) with nothing measured, ``default_step_ms`` and the
+    guessed ``spec_cost_ratio``."""
+    tab = r.step_costs
+    if tab is not None:
+        return _table_times(r, cfg, tab, batch, blocks)
     if r.step_base_ms is not None and r.step_per_token_ms is not None:
         base, per = r.step_base_ms, r.step_per_token_ms
         draft = r.draft_ms or 0.0
@@ -214,6 +230,12 @@ def _step_times(r: RoutingStats, cfg: RouterWeights, batch: int, blocks: list[in
     scale = max(0.1, 1.0 + cfg.batch_slope * (batch - b0))
     t_ar = (r.step_ms_ar if r.step_ms_ar else cfg.default_step_ms) * scale
     measured = {b: t * scale for b, t in r.step_ms_by_block.items() if t > 0}
+    return t_ar, _spec_from(t_ar, measured, blocks, cfg)
+
+
+def _spec_from(t_ar: float, measured: dict[int, float], blocks: list[int], cfg: RouterWeights) -> dict[int, float]:
+    """Speculative step times where no table measured them: the EWMAs at their blocks, linear in tokens per
+    pass through the nearest measured block elsewhere, the guessed ``spec_cost_ratio`` with none."""
     out = {}
     for b in blocks:
         if b in measured:
@@ -223,14 +245,46 @@ def _step_times(r: RoutingStats, cfg: RouterWeights, batch: int, blocks: list[in
             out[b] = t_ar + (measured[bm] - t_ar) * b / bm
         else:
             out[b] = t_ar * (1.0 + (cfg.spec_cost_ratio - 1.0) * b / 16.0)
-    return t_ar, out
+    return out
+
+
+def _table_times(r: RoutingStats, cfg: RouterWeights, tab: StepCostTable, batch: int, blocks: list[int]):
+    slope = cfg.batch_slope
+    f_ar, f_spec = live_factors(r, cfg)
+    t_ar = tab.ar_at(batch, slope) * f_ar
+    if tab.blocks:
+        return t_ar, {b: tab.spec_at(batch, b, slope) * f_spec for b in blocks}
+    # the AR step measured, no speculative one (the calibration ran no block of this drafter): the EWMAs,
+    # scaled to the batch by the measured AR row, else the guess, relative to the measured AR step
+    b0 = max(r.step_batch if r.step_batch is not None else r.num_running, 1)
+    scale = tab.ar_at(batch, slope) / tab.ar_at(b0, slope)
+    return t_ar, _spec_from(t_ar, {b: t * scale for b, t in r.step_ms_by_block.items() if t > 0}, blocks, cfg)
+
+
+def live_factors(r: RoutingStats, cfg: RouterWeights) -> tuple[float, float]:
+    """(AR, speculative) correction of a measured table: the live EWMA at the batch it describes over the table
+    at that batch (the machine's load drifts after start-up). The speculative factor is the mean over the blocks
+    with an EWMA; each falls back to the other, then 1. Only while sequences run (``step_batch`` >= 1): an idle
+    replica's EWMAs are from an earlier batch. Bounded by ``LIVE_FACTOR``."""
+    tab = r.step_costs
+    b0 = r.step_batch if r.step_batch is not None else r.num_running
+    if tab is None or b0 < 1:
+        return 1.0, 1.0
+    slope = cfg.batch_slope
+    f_ar = r.step_ms_ar / tab.ar_at(b0, slope) if r.step_ms_ar and r.step_ms_ar > 0 else None
+    ratios = [t / tab.spec_at(b0, b, slope) for b, t in r.step_ms_by_block.items() if t > 0] if tab.blocks else []
+    f_spec = sum(ratios) / len(ratios) if ratios else None
+    lo, hi = LIVE_FACTOR
+    f_ar, f_spec = (f_ar if f_ar is not None else f_spec), (f_spec if f_spec is not None else f_ar)
+    return (min(hi, max(lo, f_ar)) if f_ar is not None else 1.0,
+            min(hi, max(lo, f_spec)) if f_spec is not None else 1.0)
 
 
 _STEP_MEMO: dict[tuple, tuple] = {}
 
 
 def _step_cfg_key(cfg: RouterWeights) -> tuple:
-    """The knobs _blocks and _step_times read."""
+    """The knobs _blocks and step_times read."""
     return (cfg.steer_block, tuple(cfg.block_sizes), cfg.batch_slope, cfg.default_step_ms, cfg.spec_cost_ratio)
 
 
@@ -238,13 +292,14 @@ def _step_model(r: RoutingStats, cfg: RouterWeights, cfg_key: tuple):
     """(blocks, t_ar, t_spec at batch + 1, t_ar, t_spec at the current batch) of a replica; memoised on
     what they are computed from (the same report and batch recur from decision to decision)."""
     key = (r.block_size_default, r.num_running, r.step_ms_ar, r.step_base_ms, r.step_per_token_ms, r.draft_ms,
-           tuple(r.step_ms_by_block.items()), cfg_key)
+           tuple(r.step_ms_by_block.items()), r.step_costs.token if r.step_costs is not None else 0, r.step_batch,
+           cfg_key)
     out = _STEP_MEMO.get(key)
     if out is None:
         batch, batch_now = r.num_running + 1, max(r.num_running, 1)
         blocks = _blocks(r, cfg)
-        t_ar, t_spec = _step_times(r, cfg, batch, blocks)
-        t_ar_now, t_spec_now = (t_ar, t_spec) if batch_now == batch else _step_times(r, cfg, batch_now, blocks)
+        t_ar, t_spec = step_times(r, cfg, batch, blocks)
+        t_ar_now, t_spec_now = (t_ar, t_spec) if batch_now == batch else step_times(r, cfg, batch_now, blocks)
         if len(_STEP_MEMO) >= _MEMO_SIZE:
             _STEP_MEMO.clear()
         out = _STEP_MEMO[key] = (blocks, t_ar, t_spec, t_ar_now, t_spec_now)
@@ -255,7 +310,8 @@ def _blocks(r: RoutingStats, cfg: RouterWeights) -> list[int]:
     top = r.block_size_default
     if not cfg.steer_block:
         return [top]
-    cands = set(cfg.block_sizes) or (set(r.step_ms_by_block) | {top})
+    tab = r.step_costs
+    cands = set(cfg.block_sizes) or (set(r.step_ms_by_block) | {top} | (set(tab.blocks) if tab is not None else set()))
     return sorted(b for b in cands if 2 <= b <= top) or [top]
 
 
@@ -347,7 +403,7 @@ def _best_mode(req: RouteRequest, r: RoutingStats, cfg: RouterWeights, taus: _Ta
             return rate, tau, blk
         b = min(req_spec.block_size, bsd)
         tb = taus.at(b)
-        _, ts = _step_times(r, cfg, batch, [b])
+        _, ts = step_times(r, cfg, batch, [b])
         return tb / ts[b], tb, b
     best = None
     for b in blocks:  # taus.at(b), inlined: this loop runs for every replica of every decision

@@ -4,7 +4,8 @@ Torch-free and JSON-safe: a replica's ``record_routing_stats()`` returns ``Routi
 ``RoutingStats.from_dict`` turns such a dict back (every entry checked). The router reads the dict it sees
 (``{}`` right after deploy) once per report through ``ReportCache``: ``RoutingStats.from_report`` keeps the
 tau tables as reported and checks an entry when it is looked up (``ReportedTaus``), so a report of thousands
-of sessions costs the router O(1) to take in and O(1) per lookup.
+of sessions costs the router O(1) to take in and O(1) per lookup. The measured step-cost table
+(``step_costs``, orchestrator/routing/step_costs.py) is parsed once per report too.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+from orchestrator.routing.step_costs import StepCostTable
 
 TauTable = dict[str, tuple[float, int]]  # key -> (tau EWMA, number of speculative steps behind it)
 TAU_TABLES = ("tau_by_session", "tau_by_role", "tau_by_team", "tau_by_constraint", "tau_by_constrained_session")
@@ -30,6 +33,12 @@ class RoutingStats:
     max_num_seqs: int = 16
     step_ms_ar: float | None = None  # EWMA of one AR decode step at the current batch
     step_ms_by_block: dict[int, float] = field(default_factory=dict)  # block -> EWMA of draft+verify step
+    # running sequences when the EWMAs above were read (the batch they describe); None = num_running.
+    # Requests a router counts in since the report (add_inflight) change num_running, not this
+    step_batch: int | None = None
+    # the engine's measured step costs (start-up calibration), parsed; None = not measured. Any JSON-form
+    # table given here is parsed (StepCostTable.parse)
+    step_costs: StepCostTable | None = None
     tau_by_session: TauTable = field(default_factory=dict)
     tau_by_role: TauTable = field(default_factory=dict)
     tau_by_team: TauTable = field(default_factory=dict)
@@ -52,6 +61,8 @@ class RoutingStats:
     def __post_init__(self) -> None:
         if type(self.cached_sessions) is not frozenset:
             self.cached_sessions = frozenset(self.cached_sessions)
+        if self.step_costs is not None and type(self.step_costs) is not StepCostTable:
+            self.step_costs = StepCostTable.parse(self.step_costs)
 
     # ---------------------------------------------------------------- derived
     @property
@@ -78,6 +89,8 @@ class RoutingStats:
         return out
 
     def _count_inflight(self, n: int, kv_tokens: int) -> None:
+        if self.step_batch is None:  # the EWMAs still describe the reported batch
+            self.step_batch = self.num_running
         self.kv_free_tokens = max(0, self.kv_free_tokens - kv_tokens)
         slots = max(0, self.max_num_seqs - self.num_running)
         self.num_running += min(n, slots)
@@ -90,6 +103,7 @@ class RoutingStats:
         "Decision cost")."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}  # scalars; the containers are rebuilt below
         d["step_ms_by_block"] = {str(k): float(v) for k, v in self.step_ms_by_block.items()}
+        d["step_costs"] = self.step_costs.to_dict() if self.step_costs is not None else None
         for key in TAU_TABLES:
             d[key] = {str(k): (float(v[0]), int(v[1])) for k, v in getattr(self, key).items()}
         d["cached_sessions"] = sorted(self.cached_sessions)
@@ -105,6 +119,7 @@ class RoutingStats:
         kw["step_ms_by_block"] = {
             int(k): float(v) for k, v in (d.get("step_ms_by_block") or {}).items() if _finite(v)
         }
+        kw["step_costs"] = StepCostTable.parse(d.get("step_costs"))
         for key in TAU_TABLES:
             kw[key] = _tau_table(d.get(key) or {})
         kw["cached_sessions"] = frozenset(str(s) for s in (d.get("cached_sessions") or []))
@@ -122,6 +137,7 @@ class RoutingStats:
         kw["step_ms_by_block"] = {
             int(k): float(v) for k, v in (d.get("step_ms_by_block") or {}).items() if _finite(v)
         }
+        kw["step_costs"] = StepCostTable.parse(d.get("step_costs"))
         for key in TAU_TABLES:
             raw = d.get(key) or {}
             kw[key] = ReportedTaus(raw) if len(raw) > LAZY_TABLE else _tau_table(raw)
@@ -151,6 +167,7 @@ class RoutingStats:
             return table
 
         sessions = bounded(tags.get("session", {}))
+        costs = getattr(stats, "step_costs", None)
         gpus = (telemetry or {}).get("gpus") or []
         vram_free = sum(int(g.get("free_bytes", 0)) for g in gpus) if gpus else None
         vram_total = sum(int(g.get("total_bytes", 0)) for g in gpus) if gpus else None
@@ -166,6 +183,8 @@ class RoutingStats:
             max_num_seqs=int(max_num_seqs),
             step_ms_ar=stats.step_ms_ar,
             step_ms_by_block={int(k): float(v) for k, v in (stats.step_ms_by_block or {}).items()},
+            step_batch=int(stats.num_running),
+            step_costs=StepCostTable.parse(costs) if costs else None,
             tau_by_session={str(k): (float(v[0]), int(v[1])) for k, v in sessions.items()},
             tau_by_role={str(k): (float(v[0]), int(v[1])) for k, v in tags.get("role", {}).items()},
             tau_by_team={str(k): (float(v[0]), int(v[1])) for k, v in tags.get("team", {}).items()},

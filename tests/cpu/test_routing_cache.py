@@ -33,6 +33,8 @@ def random_report(rng: random.Random, rid: str, sessions: list[str], updated_at:
         tau_mean=rng.choice([None, rng.uniform(1.0, 8.0)]), cached_sessions=mine[: rng.randint(0, 30)],
         block_size_default=rng.choice([16, 16, 8]), spec_available=rng.random() < 0.9,
         prefill_ms_per_token=rng.choice([None, 0.4]), updated_at=updated_at,
+        step_costs=rng.choice([None, {"ar_ms": {"1": ar, "4": ar * 1.5, "16": ar * 4.0},
+                                      "spec_ms": {str(k): {"1": ar * f, "4": ar * f * 2.5} for k, f in blocks.items()}}]),
     )
     return json.loads(json.dumps(s.to_dict()))  # as it travels
 
