@@ -92,6 +92,13 @@ class ReplicaSpec(_Strict):
     max_num_seqs: int = Field(EngineConfig.max_num_seqs, ge=1, le=1024)
     max_num_batched_tokens: int = Field(EngineConfig.max_num_batched_tokens, ge=16)
     max_ongoing_requests: int = Field(32, ge=1, description="Serve's cap on requests per replica")
+    calibrate_step_costs: bool = Field(
+        True, description="real engine: time AR and speculative steps at start-up (up to 12 short engine runs: AR and "
+        "blocks 4/8/16 at batches 1/4/16, each with its prefill) so the router decides where speculation pays "
+        "from this replica's measured costs "
+        "(docs/routing.md, 'Step costs'); false: the router uses its live step EWMAs, then a guess (e.g. for tests "
+        "that start many engines). Unlike EngineConfig's default (off), on for served replicas. The mock engine "
+        "always reports its own step model")
     num_gpus: float | None = Field(None, ge=0, description="GPUs per TP rank (default: 1 if CUDA else 0)")
     mock: MockProfile = Field(default_factory=MockProfile)
 

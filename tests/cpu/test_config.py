@@ -107,4 +107,7 @@ def test_engine_fields_have_one_source():
         ("float32", "cpu", 512, 4, 8 << 20, 8)
     assert (b.spec_block_size, b.gpu_memory_utilization, b.max_num_seqs) == (4, 0.5, EngineConfig.max_num_seqs)
     default = ServeConfig().engine_config(ReplicaSpec(), "/m", "/d")
-    assert default == EngineConfig(model="/m", drafter="/d", spec_block_size=16)
+    # served replicas calibrate their step costs by default (EngineConfig's own default is off)
+    assert default == EngineConfig(model="/m", drafter="/d", spec_block_size=16, calibrate_step_costs=True)
+    off = ServeConfig.model_validate({"replicas": [{"calibrate_step_costs": False}]})
+    assert not off.engine_config(off.fleet()[0], "/m", None).calibrate_step_costs
