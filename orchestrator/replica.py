@@ -27,11 +27,13 @@ from typing import Any, Callable
 
 from orchestrator.config import ReplicaSpec, ServeConfig
 from orchestrator.routing.decisions import RouteDecision, choose_spec, land
+from orchestrator.routing.stats import RoutingStats
 from workers.engine.client import EngineClient
 from workers.engine.params import EngineError, InvalidRequest, NoCapacity, SamplingParams, SpecParams
 
 log = logging.getLogger("specfleet.replica")
 RECENT_SESSIONS = 1024
+OWN_STATS_TTL_S = 1.0  # _decide reuses this replica's routing stats for this long (Serve's stats period)
 
 
 class ErrorKind(str, Enum):
@@ -102,13 +104,6 @@ async def build_engine(cfg: ServeConfig, spec: ReplicaSpec, name: str = "specfle
     await group.start()
     return group, drafter is not None
 
-    tp = spec.tp if isinstance(spec.tp, int) else 1
-    gpus = spec.num_gpus or 0.0
-    bundle = {"CPU": 1.0, "GPU": gpus} if gpus else {"CPU": 1.0}
-    group = ReplicaGroup(ecfg, tp=tp, bundle=bundle, progress=False, name="specfleet")
-    await group.start()
-    return group, drafter is not None
-
 
 class ReplicaCore:
     """Serve-independent replica logic (tests drive it directly)."""
@@ -127,13 +122,13 @@ class ReplicaCore:
         self.weights = weights
         self.recent: OrderedDict[str, float] = OrderedDict()
         self.in_flight = 0
+        self._own: tuple[float, RoutingStats] | None = None  # (monotonic time built, this replica's stats)
 
     def _decide(self, route: dict | None) -> RouteDecision:
         """The router's decision as it lands here, with the SpecParams this replica runs: the router's for
         it, else the client's explicit choice, else recomputed from this replica's own stats (decisions.
-        choose_spec); AR where there is no drafter."""
-        from orchestrator.routing.stats import RoutingStats
-
+        choose_spec); AR where there is no drafter. The own stats are built only when they are needed and at
+        most once per OWN_STATS_TTL_S (``own_stats``), not per request: building them is O(sessions)."""
         try:
             landed = land(route, self.replica_id, self.default_reason)
         except Exception:  # a malformed decision must not fail the request
@@ -142,7 +137,7 @@ class ReplicaCore:
         if not self.spec_available:
             return replace(landed, spec=SpecParams(enabled=False, block_size=self.block_size))
         try:
-            sp = choose_spec(route, landed, RoutingStats.from_dict(self.routing_stats()), self.weights)
+            sp = choose_spec(route, landed, self.own_stats, self.weights)
         except Exception:  # a malformed hint must not fail the request
             log.warning("bad route hint ignored", exc_info=True)
             sp = None
@@ -217,13 +212,25 @@ class ReplicaCore:
         }
 
     def routing_stats(self) -> dict:
-        from orchestrator.routing.stats import RoutingStats
+        """What this replica reports to the router (``record_routing_stats``); kept for ``own_stats`` too."""
+        return self._build_stats().to_dict()
 
-        return RoutingStats.from_engine(
+    def own_stats(self) -> RoutingStats:
+        """This replica's routing stats as a RoutingStats, at most OWN_STATS_TTL_S old (the last report's, or
+        built now): what ``_decide`` scores on when no decision names this replica's speculation."""
+        own = self._own
+        if own is not None and time.monotonic() - own[0] < OWN_STATS_TTL_S:
+            return own[1]
+        return self._build_stats()
+
+    def _build_stats(self) -> RoutingStats:
+        st = RoutingStats.from_engine(
             self.replica_id, self.engine.stats(), self.telemetry(), list(self.recent),
             max_num_seqs=self.spec.max_num_seqs, block_size_default=self.block_size,
             spec_available=self.spec_available, now=time.time(),
-        ).to_dict()
+        )
+        self._own = (time.monotonic(), st)
+        return st
 
     def check_health(self) -> None:
         self.engine.check_health()

@@ -19,7 +19,7 @@ import random
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, Callable
 
 from orchestrator.routing.score import Choice, RouteRequest, RouterWeights, rank
 from orchestrator.routing.stats import ReportCache, RoutingStats
@@ -219,18 +219,20 @@ def land(route: dict[str, Any] | None, replica_id: str, default_reason: str = "d
 def choose_spec(
     route: dict[str, Any] | None,
     landed: RouteDecision,
-    own_stats: RoutingStats | None = None,
+    own_stats: RoutingStats | Callable[[], RoutingStats] | None = None,
     weights: RouterWeights | None = None,
 ) -> SpecParams | None:
     """The SpecParams this replica runs: the router's for it; without one (a baseline policy, a direct
-    call) the client's explicit choice, else the same pure scoring on this replica's own stats.
-    None = the engine's default."""
+    call) the client's explicit choice, else the same pure scoring on this replica's own stats (given, or
+    a callable that builds them, called only then). None = the engine's default."""
     if landed.spec is not None:
         return landed.spec
     if not route:
         return None
     if route.get("spec"):
         return SpecParams(**route["spec"])
+    if callable(own_stats):
+        own_stats = own_stats()
     if own_stats is not None:
         cfg = (weights or RouterWeights()).model_copy(update={"kv_safety": 1.0})
         out = rank(route_request_from_hints(route), [own_stats], cfg)

@@ -41,3 +41,37 @@ def test_choose_spec_router_then_client_then_own_stats():
     own = RoutingStats("a", kv_free_tokens=10_000, kv_total_tokens=10_000, block_size_default=16)
     plain = route_hints("r4", max_tokens=16)
     assert choose_spec(plain, land(plain, "a"), own) is not None and choose_spec(plain, land(plain, "a")) is None
+
+
+def test_the_replica_builds_its_own_stats_only_when_it_scores_and_once_per_period(monkeypatch):
+    """A call without a decision for this replica is scored on the replica's own stats; those are O(sessions) to
+    build, so the replica builds them only for such a call and reuses them for OWN_STATS_TTL_S (Serve's stats
+    period), and a report refreshes them."""
+    from orchestrator import replica as rep_mod
+    from orchestrator.config import ReplicaSpec
+    from orchestrator.mock_engine import MockEngine
+
+    eng = MockEngine()
+    calls = []
+    real = eng.stats
+    monkeypatch.setattr(eng, "stats", lambda: calls.append(1) or real())
+    core = rep_mod.ReplicaCore(eng, ReplicaSpec(), replica_id="a", rank=0, block_size=16, spec_available=True)
+    routed = _route(RouteDecision.from_choices(CHOICES))
+    for _ in range(5):
+        assert core._decide(routed).spec == SpecParams(True, 8)  # the router's decision: no stats needed
+        assert core._decide(route_hints("r", spec=SpecParams(True, 4))).spec == SpecParams(True, 4)
+    assert calls == []
+    clock = [100.0]
+    monkeypatch.setattr(rep_mod.time, "monotonic", lambda: clock[0])
+    for _ in range(5):
+        d = core._decide(route_hints("r", max_tokens=16))  # a baseline policy's call: scored here
+        assert d.spec.enabled and d.spec.block_size <= 16
+    assert len(calls) == 1
+    core.routing_stats()  # a report
+    clock[0] += 0.5
+    core._decide(route_hints("r", max_tokens=16))
+    assert len(calls) == 2  # the report's stats reused
+    clock[0] += rep_mod.OWN_STATS_TTL_S
+    core._decide(route_hints("r", max_tokens=16))
+    assert len(calls) == 3
+    assert core.own_stats().step_costs is not None  # the mock reports its step model: the table path
