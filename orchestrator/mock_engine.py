@@ -183,7 +183,7 @@ class MockEngine:
     async def _run(self, req: _Request) -> AsyncIterator[RequestOutput]:
         offset = req.rng.randrange(len(_CORPUS))
         produced: list[int] = []
-        text_so_far = ""
+        text, emitted = "", 0  # all generated text; how much of it was sent
         p = self._acceptance(req.tags)
         block = req.spec.block_size if req.spec.enabled else 1
         while True:
@@ -206,16 +206,16 @@ class MockEngine:
                 return
             produced += new
             self._record(req, k if req.spec.enabled else None, step_ms, block)
-            delta = self.tokenizer.decode(new)
+            text += self.tokenizer.decode(new)
             finish = None
-            for stop in req.sampling.stop:
-                cut = (text_so_far + delta).find(stop)
-                if cut != -1:
-                    delta, finish = (text_so_far + delta)[:cut][len(text_so_far):], "stop"
-                    break
-            if finish is None and len(produced) >= req.sampling.max_tokens:
-                finish = "length"
-            text_so_far += delta
+            cuts = [c for c in (text.find(stop) for stop in req.sampling.stop if stop) if c != -1]
+            if cuts:  # the earliest stop string ends the text before it
+                end, finish = min(cuts), "stop"
+            elif len(produced) >= req.sampling.max_tokens:
+                end, finish = len(text), "length"
+            else:  # hold back a tail that may begin a stop string: sent once the next tokens rule it out
+                end = len(text) - _stop_prefix(text, req.sampling.stop)
+            delta, emitted = text[emitted:end], max(emitted, end)
             yield RequestOutput(req.request_id, new, text=delta, finished=finish is not None,
                                 finish_reason=finish, committed=[n_new])
             if finish:
@@ -296,6 +296,17 @@ class MockEngine:
         self._closed = True
         for req in list(self._requests.values()):
             req.aborted = True
+
+
+def _stop_prefix(text: str, stops) -> int:
+    """Length of the longest tail of ``text`` that is a proper prefix of a stop string (0 if none)."""
+    best = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:k]):
+                best = k
+                break
+    return best
 
 
 def _ewma(old: float | None, new: float) -> float:
