@@ -223,6 +223,21 @@ def test_target_features_equal_the_capture_of_the_full_forward(tmp_path):
     torch.testing.assert_close(f, torch.cat([cap[0], cap[2]], dim=-1))
 
 
+def test_context_features_per_sequence_equal_the_padded_batch(tmp_path):
+    """One forward per sequence at its own length (no padding compute) gives the padded batch's features on every
+    position a block can see, and zeros past each sequence's context."""
+    from workers.training.features import context_features
+
+    _, lm = tiny_engine(tmp_path, "llama", drafter_block=None)
+    toks = torch.randint(4, 128, (3, 11))
+    lengths = [11, 4, 7]
+    f = context_features(lm.model, toks, lengths, [0, 2])
+    ref = target_features(lm.model, toks, [0, 2])
+    for i, n in enumerate(lengths):
+        torch.testing.assert_close(f[i, :n], ref[i, :n])
+        assert (f[i, n:] == 0).all()
+
+
 def test_mix_sampler_weights_and_resume():
     samples = [Sample(f"{c}{i}", c, torch.arange(5), 2, "stop") for c in ("math", "code", "chat") for i in range(7)]
     s = MixSampler(samples, parse_mix("code=3,math=1"), seed=1)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from workers.training.block_forward import blocks_forward
 from workers.training.data import IGNORE, MixSampler, Sample, make_batch, random_anchors
 from workers.training.evaluate import offline_tau
-from workers.training.features import target_features
+from workers.training.features import context_features
 from workers.training.loss import fused_linear_ce
 
 
@@ -104,7 +104,8 @@ def step_loss(drafter, target, batch, cfg: TrainConfig, autocast: bool, vocab: t
     """Weighted block CE for one batch; -> (loss, metrics)."""
     dev = target.lm_head.weight.device
     c = drafter.config
-    feats = target_features(target, batch.tokens.to(dev), c.target_layer_ids)  # [b, C, F], no grad
+    lengths = batch.anchors.max(dim=1).values.tolist()  # context positions < each sequence's last anchor
+    feats = context_features(target, batch.tokens.to(dev), lengths, c.target_layer_ids)  # [b, C, F], no grad
     emb = F.embedding(batch.block_ids.to(dev), target.model.embed_tokens.weight).float()  # [b, NB, H]
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
         hidden = blocks_forward(drafter, emb, feats.float(), batch.anchors.to(dev))  # [b, NB, H]
