@@ -133,10 +133,11 @@ def hd64(request, tmp_path_factory):
 def test_engine_through_kernels_is_lossless(hd64, monkeypatch):
     from tests.cpu.test_spec import run_mixed
     from workers.models import llama
+    from workers.models.dflash import OwnBlocks
 
     eng, lm, oracle = hd64
     calls = {"layer": 0, "drafter": 0}
-    real_layer, real_draft = llama.DecoderLayer.forward_kernels, type(eng.drafter).propose_hidden_kernel
+    real_layer, real_draft = llama.DecoderLayer.forward_kernels, OwnBlocks.attend
 
     def layer(self, *a, **k):
         calls["layer"] += 1
@@ -147,7 +148,7 @@ def test_engine_through_kernels_is_lossless(hd64, monkeypatch):
         return real_draft(self, *a, **k)
 
     monkeypatch.setattr(llama.DecoderLayer, "forward_kernels", layer)
-    monkeypatch.setattr(type(eng.drafter), "propose_hidden_kernel", draft)
+    monkeypatch.setattr(OwnBlocks, "attend", draft)
     assert run_mixed(eng, all_ar=True) == oracle
     assert run_mixed(eng) == oracle
     assert eng.blocks.num_free_blocks == eng.blocks.num_blocks

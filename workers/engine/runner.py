@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from workers.models.attention import AttnMetadata, SeqSpan, short_runs
+from workers.models.dflash import OwnBlocks
 
 
 @dataclass
@@ -97,9 +98,7 @@ class DraftInputs:
     # the CPU kernel's layout (None: the gather + mask path): each block's own K/V are written into the drafter's
     # cache at the block's positions (slots the target's verify of the same step writes too; positions past the
     # committed tokens are rewritten before they are read) and every block row attends to its context + block
-    own_rows: torch.Tensor | None = None  # [M] long: the valid rows of the flattened [B*Q] block
-    own_slots: torch.Tensor | None = None  # [M] long: their cache slots
-    runs: np.ndarray | None = None  # [B, 5] int64 (row0, n, kv0, slot0, index): workers/kernels/cpu.py
+    own: OwnBlocks | None = None
 
 
 def build_draft_inputs(anchors: list[int], ctx_lens: list[int], blocks: list[int], tables: list[list[int]],
@@ -124,10 +123,9 @@ def build_draft_inputs(anchors: list[int], ctx_lens: list[int], blocks: list[int
         own = np.concatenate([i * q + np.arange(n) for i, n in enumerate(blocks)]).astype(np.int64)
         seq = own // q
         p = pos.reshape(-1)[own]
-        d.own_rows = _to(own, device)
-        d.own_slots = _to(tab[seq, p // block_size] * block_size + p % block_size, device)
-        d.runs = np.array([(i * q, n, c, _first_slot(t, block_size), i) for i, (n, c, t) in
-                           enumerate(zip(blocks, ctx_lens, tables))], dtype=np.int64).reshape(-1, 5)
+        runs = np.array([(i * q, n, c, _first_slot(t, block_size), i) for i, (n, c, t) in
+                         enumerate(zip(blocks, ctx_lens, tables))], dtype=np.int64).reshape(-1, 5)
+        d.own = OwnBlocks(_to(own, device), _to(tab[seq, p // block_size] * block_size + p % block_size, device), runs)
     return d
 
 
@@ -156,11 +154,7 @@ class ModelRunner:
         """-> drafter logits [B, Q-1, V] in the model's dtype for block positions 1..Q-1 (V = its draft vocabulary
         when it has one)."""
         emb = self.model.embed(d.block_ids)  # [B, Q, H]
-        if d.runs is not None:
-            h = self.drafter.propose_hidden_kernel(emb, d.positions, self.pool.drafter, d.block_tables, d.own_rows,
-                                                   d.own_slots, d.runs)
-        else:
-            h = self.drafter.propose_hidden(emb, d.positions, self.pool.drafter, d.block_tables, d.mask)
+        h = self.drafter.propose_hidden(emb, d.positions, self.pool.drafter, d.block_tables, d.mask, d.own)
         return self.draft_logits(h[:, 1:])
 
     def draft_logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -234,51 +234,52 @@ class DFlashDrafter(nn.Module):
         q_positions: torch.Tensor,  # [B, Q]
         kv_caches,  # per drafter layer (k, v) [nb, bs, kvh, hd]
         block_tables: torch.Tensor,  # [B, nblk]
-        mask: torch.Tensor,  # [B, 1, Q, nblk*bs + Q] bool: cached context rows < ctx_len, own block rows < q_len
-    ) -> torch.Tensor:  # [B, Q, H]
+        mask: torch.Tensor | None = None,  # [B, 1, Q, nblk*bs + Q] bool: context rows < ctx_len, own rows < q_len
+        own: "OwnBlocks | None" = None,  # instead of the mask: the CPU kernel's layout
+    ) -> torch.Tensor:  # [B, Q, H] (with ``own``, rows past a block's length are computed from zeros: ignore them)
+        """Every block row attends (non-causally) to its cached context + its own block: by gathering the context
+        and masking (``mask``), or through the CPU attention kernel (``own``: the block's K/V are written into the
+        cache at the block's positions, then one kernel call per layer covers every block)."""
         cos, sin = rope_cos_sin(self.rope, q_positions)
         cos, sin = cos.to(block_embeds.dtype), sin.to(block_embeds.dtype)
-        mask = attn_bias(mask, block_embeds.dtype)  # once, shared by every layer
-        x = block_embeds
-        for layer, (kcache, vcache) in zip(self.layers, kv_caches):
-            at = layer.self_attn
-            h = layer.input_layernorm(x)
-            kb, vb = at.kv(h, cos, sin)
-            k = torch.cat([gather_kv(kcache, block_tables), kb.transpose(1, 2)], dim=2)  # [B, kvh, K+Q, hd]
-            v = torch.cat([gather_kv(vcache, block_tables), vb.transpose(1, 2)], dim=2)
-            x = layer.finish(x, at.attend(at.q(h, cos, sin), k, v, mask))
-        return self.norm(x)
-
-
-    def propose_hidden_kernel(
-        self,
-        block_embeds: torch.Tensor,  # [B, Q, H]
-        q_positions: torch.Tensor,  # [B, Q]
-        kv_caches,  # per drafter layer (k, v) [nb, bs, kvh, hd]
-        block_tables: torch.Tensor,  # [B, nblk]
-        own_rows: torch.Tensor,  # [M] valid rows of the flattened block
-        own_slots: torch.Tensor,  # [M] their cache slots
-        runs,  # np [B, 5]: the kernel's per-block layout (workers/kernels/cpu.py)
-    ) -> torch.Tensor:  # [B, Q, H]; rows past a block's length are computed from zeros and ignored
-        """``propose_hidden`` through the CPU attention kernel: each layer writes the block's own K/V into the
-        cache at the block's positions, then one kernel call attends every block row to its context + block."""
-        from workers.kernels import cpu as cpu_kernels
-
-        b, q, hid = block_embeds.shape
-        cos, sin = rope_cos_sin(self.rope, q_positions)
-        cos, sin = cos.to(block_embeds.dtype), sin.to(block_embeds.dtype)
+        if own is None:
+            mask = attn_bias(mask, block_embeds.dtype)  # once, shared by every layer
         x = block_embeds
         for layer, (kcache, vcache) in zip(self.layers, kv_caches):
             at = layer.self_attn
             h = layer.input_layernorm(x)
             kb, vb = at.kv(h, cos, sin)  # [B, Q, kvh, hd]
-            write_kv(kcache, vcache, kb.reshape(b * q, *kb.shape[2:])[own_rows],
-                     vb.reshape(b * q, *vb.shape[2:])[own_rows], own_slots)
-            qq = at.q(h, cos, sin).reshape(b * q, at.num_heads, at.head_dim).contiguous()
-            out = torch.zeros_like(qq)
-            cpu_kernels.attention(qq, kcache, vcache, out, runs, block_tables, at.scale, causal=False)
-            x = layer.finish(x, at.o_proj(out.view(b, q, at.num_heads * at.head_dim)))
+            q = at.q(h, cos, sin)  # [B, Q, nh, hd]
+            if own is None:
+                k = torch.cat([gather_kv(kcache, block_tables), kb.transpose(1, 2)], dim=2)  # [B, kvh, K+Q, hd]
+                v = torch.cat([gather_kv(vcache, block_tables), vb.transpose(1, 2)], dim=2)
+                a = at.attend(q, k, v, mask)
+            else:
+                a = own.attend(at, q, kb, vb, kcache, vcache, block_tables)
+            x = layer.finish(x, a)
         return self.norm(x)
+
+
+@dataclass
+class OwnBlocks:
+    """A proposal's layout for the CPU attention kernel (workers/kernels/cpu.py): which rows of the flattened
+    [B*Q] block are real, the cache slots of their positions, and the kernel's per-block runs."""
+
+    rows: torch.Tensor  # [M] long
+    slots: torch.Tensor  # [M] long
+    runs: Any  # np.ndarray [B, 5] int64: (row0, n, kv0, slot0, table row)
+
+    def attend(self, at: "DraftAttention", q, kb, vb, kcache, vcache, block_tables) -> torch.Tensor:
+        """q [B, Q, nh, hd], the block's k/v [B, Q, kvh, hd] -> attention output after o_proj [B, Q, H]."""
+        from workers.kernels import cpu as cpu_kernels
+
+        b, nq = q.shape[:2]
+        write_kv(kcache, vcache, kb.reshape(b * nq, *kb.shape[2:])[self.rows],
+                 vb.reshape(b * nq, *vb.shape[2:])[self.rows], self.slots)
+        qq = q.reshape(b * nq, at.num_heads, at.head_dim).contiguous()
+        out = torch.zeros_like(qq)
+        cpu_kernels.attention(qq, kcache, vcache, out, self.runs, block_tables, at.scale, causal=False)
+        return at.o_proj(out.view(b, nq, at.num_heads * at.head_dim))
 
 
 def validate_against_target(c: DrafterConfig, target: ModelConfig) -> None:
