@@ -150,24 +150,59 @@ def load(path: str | Path) -> tuple[dict, list[SessionTrace]]:
     return header, sorted(by_id.values(), key=lambda s: s.start_s)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_workload_args(ap: argparse.ArgumentParser, seed: bool = True) -> None:
+    """The workload's flags (shared by this command, router_compare and never_slower)."""
     ap.add_argument("--teams", type=int, default=12)
     ap.add_argument("--rate", type=float, default=0.5, help="team arrivals per second")
     ap.add_argument("--agents-per-team", type=int, default=3)
-    ap.add_argument("--turns", type=int, nargs=2, default=(2, 4))
+    ap.add_argument("--turns", type=int, nargs=2, default=(2, 4), metavar=("MIN", "MAX"))
     ap.add_argument("--mix", default="planner=1,coder=1,reviewer=1,tool_caller=1", help="role=weight,...")
     ap.add_argument("--max-tokens-scale", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", required=True)
-    a = ap.parse_args(argv)
-    mix = {k: float(v) for k, v in (kv.split("=") for kv in a.mix.split(","))}
+    ap.add_argument("--think", type=float, nargs=2, default=(0.2, 1.0), metavar=("MIN", "MAX"),
+                    help="seconds between an answer and the session's next turn")
+    if seed:
+        ap.add_argument("--seed", type=int, default=0)
+
+
+def config_from_args(a: argparse.Namespace, seed: int | None = None, teams: int | None = None) -> WorkloadConfig:
+    """WorkloadConfig from add_workload_args' flags (``seed`` / ``teams`` override theirs); ValueError on a bad
+    --mix or range."""
+    try:
+        mix = {k.strip(): float(v) for k, v in (kv.split("=") for kv in a.mix.split(","))}
+    except ValueError:
+        raise ValueError(f"--mix must be role=weight,...; got {a.mix!r}") from None
     bad = set(mix) - set(ROLES)
     if bad:
-        ap.error(f"unknown roles {sorted(bad)}; known: {', '.join(ROLES)}")
-    cfg = WorkloadConfig(teams=a.teams, rate=a.rate, roles=mix, agents_per_team=a.agents_per_team,
-                         turns=tuple(a.turns), seed=a.seed)
+        raise ValueError(f"unknown roles {sorted(bad)}; known: {', '.join(ROLES)}")
+    if not any(w > 0 for w in mix.values()):
+        raise ValueError("--mix needs at least one role with a positive weight")
+    lo, hi = a.turns
+    if not 1 <= lo <= hi:
+        raise ValueError(f"--turns needs 1 <= MIN <= MAX, got {lo} {hi}")
+    t0, t1 = a.think
+    if not 0 <= t0 <= t1:
+        raise ValueError(f"--think needs 0 <= MIN <= MAX, got {t0} {t1}")
+    cfg = WorkloadConfig(teams=teams if teams is not None else a.teams, rate=a.rate, roles=mix,
+                         agents_per_team=a.agents_per_team, turns=(lo, hi), think_s=(t0, t1),
+                         seed=seed if seed is not None else getattr(a, "seed", 0))
     cfg.max_tokens = {k: max(1, int(v * a.max_tokens_scale)) for k, v in cfg.max_tokens.items()}
+    return cfg
+
+
+def teams_for(sessions: int, agents_per_team: int) -> int:
+    """Teams that give at least ``sessions`` sessions."""
+    return max(1, -(-sessions // max(1, agents_per_team)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_workload_args(ap)
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args(argv)
+    try:
+        cfg = config_from_args(a)
+    except ValueError as exc:
+        ap.error(str(exc))
     sessions = generate(cfg)
     save(a.out, cfg, sessions)
     n_turns = sum(len(s.turns) for s in sessions)
