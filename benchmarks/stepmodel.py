@@ -1,6 +1,9 @@
 """Step-cost models for the simulator: seconds per engine step as a function of batch and block.
 
-* ``LinearStepModel``: fitted on this machine from measured engine steps (benchmarks/calibrate.py):
+* ``TableStepModel``: the engine's own measured step-cost table (workers/engine/calibrate.py, what a serving
+  replica measures at start-up and reports to the router), taken by benchmarks/calibrate.py at one or more
+  context lengths, plus a measured prefill line; read piecewise linearly (``interp``).
+* ``LinearStepModel``: an older two-parameter fit (kept for the results it produced):
   t_ar(b) = a0 + a1*b ;  t_spec(b, B) = s0 + s1*b*B (draft + verify) ;  prefill = p1 * tokens.
 * ``RooflineStepModel``: cluster.planning.roofline (HBM bandwidth / FLOP/s / NVLink all-reduce) for a model,
   a drafter and a TP degree on a node profile, e.g. the DGX B300.
@@ -41,6 +44,99 @@ class LinearStepModel:
         """The same shape, `factor` times slower (e.g. cores shared by co-located replicas)."""
         return LinearStepModel(self.a0 * factor, self.a1 * factor, self.s0 * factor, self.s1 * factor,
                                self.p1 * factor, self.source + f" x{factor:g}")
+
+
+def interp(xs: list[float], ys: list[float], x: float) -> float:
+    """Piecewise linear through (xs ascending, ys); ys[0] at or below xs[0]; beyond xs[-1] the last segment's
+    slope, never negative (a cost does not fall with more work); one point: that value."""
+    if x <= xs[0] or len(xs) == 1:
+        return ys[0]
+    for i in range(1, len(xs)):
+        if x <= xs[i]:
+            f = (x - xs[i - 1]) / (xs[i] - xs[i - 1])
+            return ys[i - 1] + f * (ys[i] - ys[i - 1])
+    slope = max(0.0, (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]))
+    return ys[-1] + slope * (x - xs[-1])
+
+
+def _row(raw: dict) -> tuple[list[int], list[float]]:
+    pts = sorted((int(b), float(ms)) for b, ms in raw.items())
+    return [b for b, _ in pts], [ms for _, ms in pts]
+
+
+@dataclass
+class TableStepModel:
+    """Measured step costs: ``tables`` = {context tokens: {"ar_ms": {batch: ms}, "spec_ms": {block: {batch: ms}}}}
+    (workers/engine/calibrate.py's StepCosts JSON form, at each context length measured); prefill =
+    ``prefill_ms_fixed`` + ``prefill_ms_per_token`` x tokens. Read piecewise linearly over batch, over block
+    (block 1 = the AR step) and over context (the first table's costs below its context)."""
+
+    tables: dict
+    prefill_ms_per_token: float
+    prefill_ms_fixed: float = 0.0
+    source: str = ""
+    factor: float = 1.0  # a slow-down applied to every cost (``scaled``)
+
+    def __post_init__(self) -> None:
+        self.tables = {str(int(c)): t for c, t in self.tables.items()}
+        self._ctx = sorted(int(c) for c in self.tables)
+        if not self._ctx:
+            raise ValueError("a step table needs at least one measured context")
+        self._ar, self._spec = {}, {}
+        for c in self._ctx:
+            t = self.tables[str(c)]
+            if not t.get("ar_ms"):
+                raise ValueError(f"the step table at context {c} has no AR costs")
+            self._ar[c] = _row(t["ar_ms"])
+            self._spec[c] = {int(k): _row(v) for k, v in (t.get("spec_ms") or {}).items() if v}
+
+    def _at_ctx(self, ctx: int, cost) -> float:
+        ys = [cost(c) for c in self._ctx]
+        return self.factor * interp(self._ctx, ys, max(0, ctx)) / 1000.0
+
+    def ar_s(self, batch: int, ctx: int = 0) -> float:
+        return self._at_ctx(ctx, lambda c: interp(*self._ar[c], max(1, batch)))
+
+    def spec_s(self, batch: int, block: int, ctx: int = 0) -> float:
+        def cost(c: int) -> float:
+            b = max(1, batch)
+            blocks = sorted(self._spec[c])
+            if not blocks:  # no speculative step measured (an AR-only engine): a block costs a verify of its tokens
+                return interp(*self._ar[c], b * block)
+            xs = [1, *blocks]
+            ys = [interp(*self._ar[c], b), *(interp(*self._spec[c][k], b) for k in blocks)]
+            return interp(xs, ys, block)
+
+        return self._at_ctx(ctx, cost)
+
+    def prefill_s(self, tokens: int) -> float:
+        if tokens <= 0:
+            return 0.0
+        return self.factor * (self.prefill_ms_fixed + self.prefill_ms_per_token * tokens) / 1000.0
+
+    def scaled(self, factor: float) -> "TableStepModel":
+        return TableStepModel(self.tables, self.prefill_ms_per_token, self.prefill_ms_fixed,
+                              self.source + f" x{factor:g}", self.factor * factor)
+
+    def to_dict(self) -> dict:
+        return {"kind": "step_table", "tables": self.tables,
+                "prefill_ms_per_token": self.prefill_ms_per_token, "prefill_ms_fixed": self.prefill_ms_fixed,
+                "source": self.source}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TableStepModel":
+        return cls(d["tables"], float(d["prefill_ms_per_token"]),
+                   float(d.get("prefill_ms_fixed", 0.0)), str(d.get("source", "")))
+
+
+def load_step_model(path: str | Path):
+    """A step-model JSON: benchmarks/calibrate.py's table (``tables``) or a LinearStepModel (``a0``...)."""
+    d = json.loads(Path(path).read_text())
+    if "tables" in d:
+        return TableStepModel.from_dict(d)
+    if "a0" in d:
+        return LinearStepModel(**{k: d[k] for k in ("a0", "a1", "s0", "s1", "p1")}, source=d.get("source", ""))
+    raise ValueError(f"{path}: neither a step table (benchmarks/calibrate.py) nor a LinearStepModel")
 
 
 def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:

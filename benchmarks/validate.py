@@ -1,14 +1,25 @@
 """Validate the simulator against measured router_compare runs: same trace, same fleet, same policy.
 
-The fleet comes from the run's ServeConfig: KV capacity per replica from the run's /metrics
-samples (replicas matched to fleet entries by KV size order), per-position acceptance per
-(replica, role) — exact for mock engines (their profile), else measured on the `--fit-on` run
-(every replica sees every role under pow2) — and the step-cost model: the mock's own timing, or
-a fitted LinearStepModel (benchmarks/calibrate.py) times one contention factor fitted on the
-`--fit-on` run together with the per-request client/ingress overhead. The other policies' runs
-are held out: their measured goodput is compared with the simulated one.
+Input: a router_compare output folder (trials mode: each seed{S}/ trial in turn; single run: the folder itself).
+Per trial the simulator (benchmarks/simulator.py) is given:
 
-    python -m benchmarks.validate --run runs/compare_mock --trace runs/trace.jsonl --concurrency 6
+* the fleet of each policy's own ServeConfig (its router weights: the baselines' pinned speculation too), its
+  replicas matched to the run's by KV capacity (benchmarks/fleet_labels.py), KV tokens from the run's /metrics;
+* step costs: `--step-costs` (benchmarks/calibrate.py's table, measured on a quiet machine: real engines; one
+  file for every replica, or one per drafter, matched by the drafter path the file records), or the mock's own
+  step model (mock engines);
+* acceptance per (replica, role): `--acceptance LABEL=PATH` (benchmarks/acceptance.py JSONs, matched to the fleet
+  entries by drafter path), else measured on the `--fit-on` run (every replica sees every role under pow2);
+* the trace with each turn's measured prompt and completion lengths.
+
+Fitted on the `--fit-on` run only: the per-turn client/ingress overhead (from TTFT p50) and, with
+`--fit-contention`, one slow-down factor on every step cost (from TPOT p50: replicas sharing the 2 cores with
+the harness run slower than the calibration alone). The other policies are held out: simulated vs measured
+goodput per trial, then per policy the median and the largest error over trials; the goal is |error| <= 15 %
+on every held-out run (issue 15). `python -m benchmarks.report OUT` prints the tables.
+
+    python -m benchmarks.validate --run runs/compare_specialised --step-costs runs/step_costs_general.json \
+        --acceptance code=runs/acc_code.json --acceptance chat=runs/acc_chat.json --out runs/validation.json
 """
 from __future__ import annotations
 
@@ -19,11 +30,16 @@ from pathlib import Path
 
 import yaml
 
+from benchmarks import run_meta
+from benchmarks.acceptance_tables import Acceptance, parse_spec
+from benchmarks.fleet_labels import entries, kv_by_replica
 from benchmarks.simulator import ReplicaSpecSim, Simulator, sessions_from_trace, summarize
-from benchmarks.stepmodel import LinearStepModel
+from benchmarks.stepmodel import LinearStepModel, load_step_model
 from benchmarks.workload import load
 from orchestrator.config import ServeConfig
 from orchestrator.routing.score import alpha_from_tau
+
+GOAL_PCT = 15.0
 
 
 class _Rec:
@@ -38,36 +54,92 @@ def load_run(run: Path, policy: str) -> tuple[ServeConfig, list[_Rec], list[dict
     return cfg, recs, metrics
 
 
-def replica_order(metrics: list[dict]) -> list[str]:
-    """Replica ids sorted by KV capacity, largest first (fleet entries are matched the same way)."""
-    kv: dict[str, float] = {}
-    for row in metrics:
-        for k, v in row.items():
-            if isinstance(v, dict) and v.get("kv_total_tokens"):
-                kv[k] = v["kv_total_tokens"]
-    return sorted(kv, key=lambda k: -kv[k]), kv
+def trial_dirs(run: Path) -> list[tuple[str, Path]]:
+    """[(name, folder)] of a router_compare output: its trials, or the folder itself for a single run."""
+    summary = run / "summary.json"
+    if summary.is_file():
+        d = json.loads(summary.read_text())
+        if d.get("kind") == "router_compare_trials":
+            return [(f"seed {t['seed']}", run / f"seed{t['seed']}") for t in d["trials"]]
+    return [(run.name, run)]
 
 
-def measured_alpha(recs: list[_Rec], order: list[str], block: int) -> dict[int, dict[str, float]]:
-    """{fleet index: {role: alpha}} from speculative turns' tau (tokens / target passes)."""
-    out: dict[int, dict[str, float]] = {}
-    for i, rid in enumerate(order):
-        by_role: dict[str, list[float]] = {}
-        for r in recs:
-            if r.replica == rid and r.status == 200 and r.spec_passes:
-                by_role.setdefault(r.role, []).append(r.spec_tokens / r.spec_passes)
-        out[i] = {role: alpha_from_tau(statistics.mean(v), block) for role, v in by_role.items()}
+def positions(cfg: ServeConfig, metrics: list[dict]) -> tuple[dict[str, int], list[float]]:
+    """({replica id: fleet position (KV order)}, measured KV tokens per position)."""
+    kv = kv_by_replica(metrics)
+    ids = sorted(kv, key=lambda r: (-kv[r], r))
+    n = len(entries(cfg))
+    if len(ids) != n:
+        raise ValueError(f"the run's /metrics saw {len(ids)} replicas, the fleet has {n}")
+    return {rid: i for i, rid in enumerate(ids)}, [kv[r] for r in ids]
+
+
+def measured_alpha(recs: list, pos_of: dict[str, int], block: int) -> dict[int, dict[str, float]]:
+    """{fleet position: {role: alpha}} from a run's speculative turns (tokens / target passes, pooled)."""
+    acc: dict[int, dict[str, list[int]]] = {}
+    for r in recs:
+        if r.status == 200 and r.spec_passes and r.replica in pos_of:
+            t = acc.setdefault(pos_of[r.replica], {}).setdefault(r.role, [0, 0])
+            t[0] += r.spec_tokens
+            t[1] += r.spec_passes
+    return {pos: {role: alpha_from_tau(tok / n, block) for role, (tok, n) in roles.items()}
+            for pos, roles in acc.items()}
+
+
+def _same_path(a: str | None, b: str | None) -> bool:
+    if not a or not b:
+        return False
+
+    def norm(x: str) -> Path:
+        if x == "default":
+            from workers import hub
+
+            return hub.default_drafter_path().resolve()
+        p = Path(x).expanduser()
+        return (p if p.is_absolute() else run_meta.REPO_ROOT / p).resolve()
+
+    return norm(a) == norm(b)
+
+
+def alpha_from_files(cfg: ServeConfig, accs: list[Acceptance]) -> dict[int, dict[str, float]]:
+    """{fleet position: {role: alpha}} from acceptance JSONs whose drafter path is the entry's drafter."""
+    out = {}
+    for e in entries(cfg):
+        if e.drafter is None:
+            continue
+        hit = [x for x in accs if _same_path(x.drafter, e.drafter)]
+        if not hit:
+            raise ValueError(f"no --acceptance file measured drafter {e.drafter} (fleet entry {e.label}); files "
+                             f"measured: {[x.drafter for x in accs]}")
+        out[e.position] = dict(hit[0].alpha_by_role)
     return out
 
 
-def build_fleet(cfg: ServeConfig, kv_sorted: list[float], alphas: dict[int, dict[str, float]] | None,
-                step: LinearStepModel | None) -> list[ReplicaSpecSim]:
+def steps_for_fleet(cfg: ServeConfig, steps: list[tuple[str | None, object]]) -> dict[int, object] | None:
+    """{fleet position: step model}: one model for every replica, or each entry's drafter's (by path)."""
+    if not steps:
+        return None
+    if len(steps) == 1:
+        return {e.position: steps[0][1] for e in entries(cfg)}
+    out = {}
+    for e in entries(cfg):
+        hit = [m for d, m in steps if _same_path(d, e.drafter)]
+        if not hit:
+            raise ValueError(f"no --step-costs file was measured with drafter {e.drafter} (fleet entry {e.label}); "
+                             f"files: {[d for d, _ in steps]}")
+        out[e.position] = hit[0]
+    return out
+
+
+def build_fleet(cfg: ServeConfig, kv_tokens: list[float], alphas: dict[int, dict[str, float]] | None,
+                step, names: list[str] | None = None) -> list[ReplicaSpecSim]:
+    """The simulator's replicas in KV order; ``step``: one step model, or {position: step model}; ``names``: the
+    run's replica ids by position (session hashing then places sessions where Serve did), else r0, r1, ..."""
     fleet = cfg.fleet()
-    # fleet entries sorted by their KV size (mock: profile; real: kv_cache_bytes), largest first
     key = (lambda s: s.mock.kv_total_tokens) if cfg.engine == "mock" else (lambda s: s.kv_cache_bytes or 0)
-    entries = sorted(range(len(fleet)), key=lambda i: -key(fleet[i]))
+    order = sorted(range(len(fleet)), key=lambda i: -key(fleet[i]))  # the order fleet_labels.entries uses
     reps = []
-    for pos, idx in enumerate(entries):
+    for pos, idx in enumerate(order):
         spec = fleet[idx]
         block = spec.block_size or cfg.model.block_size
         no_drafter = (spec.drafter if spec.drafter is not None else cfg.model.drafter) in (None, "none", "")
@@ -76,85 +148,140 @@ def build_fleet(cfg: ServeConfig, kv_sorted: list[float], alphas: dict[int, dict
             sm = LinearStepModel(m.step_ms / 1e3, 0.0, m.step_ms * (1 + block / 32) / 1e3, 0.0, 0.0, "mock profile")
             alpha, alpha_default = dict(m.acceptance_by_role), m.acceptance
         else:
-            sm = step
+            sm = step.get(pos) if isinstance(step, dict) else step
+            if sm is None:
+                raise ValueError("real engines need --step-costs (benchmarks/calibrate.py)")
             alpha = dict((alphas or {}).get(pos, {}))
             alpha_default = statistics.mean(alpha.values()) if alpha else 0.0
-        reps.append(ReplicaSpecSim(f"r{pos}", sm, int(kv_sorted[pos]), alpha, alpha_default, block,
+        name = names[pos] if names else f"r{pos}"
+        reps.append(ReplicaSpecSim(name, sm, int(kv_tokens[pos]), alpha, alpha_default, block,
                                    not no_drafter, spec.max_num_seqs, spec.max_ongoing_requests))
     return reps
 
 
-def simulate(cfg, policy, sessions, kv_sorted, alphas, step, concurrency, overhead_s, seed=0):
-    reps = build_fleet(cfg, kv_sorted, alphas, step)
-    sim = Simulator(reps, policy, cfg.router.weights, cfg.router.stats_period_s, seed=seed, overhead_s=overhead_s)
-    return summarize(sim.run(sessions, concurrency=concurrency).requests)
-
-
-def sessions_for(trace, recs: list[_Rec]) -> list[dict]:
+def sessions_for(trace, recs: list) -> list[dict]:
+    """The trace's sessions as far as the run got (its turns up to the last one sent), measured token counts, named
+    by the server's session ids where the run recorded them (what Serve's session hashing keyed on)."""
     measured = {(r.session, r.turn): (r.prompt_tokens or None, r.generated) for r in recs if r.status == 200}
-    last = {}
+    last: dict[str, int] = {}
     for r in recs:
         last[r.session] = max(last.get(r.session, -1), r.turn)
     picked = []
     for s in trace:
         if s.session_id in last:
-            s2 = type(s)(s.session_id, s.team, s.role, s.start_s, s.system, s.turns[: last[s.session_id] + 1])
-            picked.append(s2)
-    return sessions_from_trace(picked, measured=measured)
+            picked.append(type(s)(s.session_id, s.team, s.role, s.start_s, s.system, s.turns[: last[s.session_id] + 1]))
+    server = {r.session: r.server_session for r in recs if getattr(r, "server_session", "")}
+    out = sessions_from_trace(picked, measured=measured)
+    for sess in out:
+        sess["session_id"] = server.get(sess["session_id"], sess["session_id"])
+    return out
+
+
+def simulate(cfg: ServeConfig, policy: str, sessions, kv_tokens, alphas, step, concurrency: int, overhead_s: float,
+             seeds: int, names: list[str] | None = None) -> dict:
+    """Mean over simulator seeds of goodput, TTFT p50, TPOT p50."""
+    runs = []
+    for seed in range(seeds):
+        sim = Simulator(build_fleet(cfg, kv_tokens, alphas, step, names), policy, cfg.router.weights,
+                        cfg.router.stats_period_s, seed=seed, overhead_s=overhead_s)
+        runs.append(summarize(sim.run(sessions, concurrency=concurrency).requests))
+    return {k: statistics.mean(r[k] for r in runs) for k in ("goodput_tps", "ttft_p50_s", "tpot_p50_ms")}
+
+
+def validate_trial(name: str, d: Path, policies: list[str], fit_on: str, steps: list[tuple[str | None, object]],
+                   accs: list[Acceptance], fit_contention: bool, seeds: int, concurrency: int | None,
+                   trace_path: str | None = None) -> dict:
+    _, trace = load(trace_path or d / "trace.jsonl")
+    fit_cfg, fit_recs, fit_metrics = load_run(d, fit_on)
+    base_step = steps_for_fleet(fit_cfg, steps)
+    pos_of, kv_tokens = positions(fit_cfg, fit_metrics)
+    names = sorted(pos_of, key=pos_of.get)
+    if fit_cfg.engine == "mock":
+        alphas, alpha_src = None, "the mock profile"
+    elif accs:
+        alphas, alpha_src = alpha_from_files(fit_cfg, accs), "--acceptance files"
+    else:
+        alphas, alpha_src = measured_alpha(fit_recs, pos_of, fit_cfg.model.block_size), f"measured on the {fit_on} run"
+    conc = concurrency or json.loads((d / f"{fit_on}.summary.json").read_text()).get("concurrency")
+    if not conc:
+        raise ValueError(f"{d}: the run does not record its concurrency; pass --concurrency")
+    measured_fit = summarize(fit_recs)
+    sess_fit = sessions_for(trace, fit_recs)
+    def scaled(f: float):
+        return {pos: m.scaled(f) for pos, m in base_step.items()} if base_step is not None else None
+
+    factor, overhead = 1.0, 0.0
+    for _ in range(3):
+        step = scaled(factor)
+        sim0 = simulate(fit_cfg, fit_on, sess_fit, kv_tokens, alphas, step, conc, overhead, seeds, names)
+        overhead = max(0.0, overhead + measured_fit["ttft_p50_s"] - sim0["ttft_p50_s"])
+        if fit_contention and base_step is not None and sim0["tpot_p50_ms"] > 0:
+            factor *= measured_fit["tpot_p50_ms"] / sim0["tpot_p50_ms"]
+    step = scaled(factor)
+    rows = []
+    for policy in policies:
+        if not (d / f"{policy}.requests.jsonl").exists():
+            continue
+        cfg, recs, _ = load_run(d, policy)
+        meas = summarize(recs)
+        sim = simulate(cfg, policy, sessions_for(trace, recs), kv_tokens, alphas, step, conc, overhead, seeds, names)
+        err = (sim["goodput_tps"] - meas["goodput_tps"]) / meas["goodput_tps"] if meas["goodput_tps"] else float("nan")
+        rows.append({"policy": policy, "measured_goodput_tps": meas["goodput_tps"],
+                     "simulated_goodput_tps": round(sim["goodput_tps"], 3), "error_pct": round(100 * err, 1),
+                     "held_out": policy != fit_on})
+        print(f"{name:10s} {policy:16s} measured {meas['goodput_tps']:8.2f} tok/s  simulated {sim['goodput_tps']:8.2f}"
+              f"  error {100 * err:+.1f}%{'' if policy != fit_on else '  (fit-on run)'}", flush=True)
+    return {"trial": name, "rows": rows, "overhead_s": round(overhead, 4), "contention_factor": round(factor, 4),
+            "alphas": {str(k): v for k, v in (alphas or {}).items()}, "acceptance_from": alpha_src,
+            "kv_tokens": kv_tokens, "concurrency": conc}
+
+
+def by_policy(trials: list[dict]) -> dict:
+    out: dict = {}
+    for t in trials:
+        for r in t["rows"]:
+            out.setdefault(r["policy"], {"errors": [], "held_out": r["held_out"]})["errors"].append(r["error_pct"])
+    return {p: {"median_error_pct": statistics.median(v["errors"]),
+                "max_abs_error_pct": max(abs(e) for e in v["errors"]), "trials": len(v["errors"]),
+                "held_out": v["held_out"], "within_goal": max(abs(e) for e in v["errors"]) <= GOAL_PCT}
+            for p, v in out.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--run", required=True)
-    ap.add_argument("--trace", required=True)
-    ap.add_argument("--concurrency", type=int, required=True)
+    ap.add_argument("--run", required=True, help="router_compare output folder")
+    ap.add_argument("--step-costs", action="append", default=[], help="benchmarks/calibrate.py JSON (or a "
+                    "LinearStepModel JSON); real engines; one for all replicas, or repeat: one per drafter")
+    ap.add_argument("--acceptance", action="append", default=[], metavar="LABEL=PATH[#KEY]",
+                    help="acceptance JSON of one drafter (benchmarks/acceptance.py), matched to the fleet by drafter "
+                    "path; default: measured on the --fit-on run")
     ap.add_argument("--policies", default="specfleet,pow2,consistent_hash")
-    ap.add_argument("--fit-on", default="pow2", help="run used to fit contention/overhead (and real acceptance)")
-    ap.add_argument("--step-model", help="LinearStepModel JSON (real engines)")
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--out", help="write the table as JSON here")
+    ap.add_argument("--fit-on", default="pow2", help="the run the overhead (and contention) is fitted on")
+    ap.add_argument("--fit-contention", action="store_true", help="also fit one slow-down factor of the step costs")
+    ap.add_argument("--concurrency", type=int, help="default: what the run recorded")
+    ap.add_argument("--trace", help="the run's trace, for runs older than the copy router_compare keeps in the folder")
+    ap.add_argument("--seeds", type=int, default=3, help="simulator seeds averaged per run")
+    ap.add_argument("--out", help="write the validation JSON here")
     a = ap.parse_args(argv)
-    run = Path(a.run)
-    _, trace = load(a.trace)
-    cfg, fit_recs, fit_metrics = load_run(run, a.fit_on)
-    order, kv = replica_order(fit_metrics)
-    kv_sorted = [kv[r] for r in order]
-    block = cfg.model.block_size
-    alphas = measured_alpha(fit_recs, order, block) if cfg.engine != "mock" else None
-    base_step = LinearStepModel.load(a.step_model) if a.step_model else None
-    measured_fit = summarize(fit_recs)
-    sess_fit = sessions_for(trace, fit_recs)
-
-    def sim_mean(policy, sessions, factor, overhead):
-        step = base_step.scaled(factor) if base_step else None
-        runs = [simulate(cfg, policy, sessions, kv_sorted, alphas, step, a.concurrency, overhead, seed=s)
-                for s in range(a.seeds)]
-        return {k: statistics.mean(r[k] for r in runs) for k in ("goodput_tps", "ttft_p50_s", "tpot_p50_ms")}
-
-    # fit: overhead from TTFT, contention factor from TPOT (real engines), on the fit-on run only
-    factor, overhead = 1.0, 0.0
-    for _ in range(3):
-        sim0 = sim_mean(a.fit_on, sess_fit, factor, overhead)
-        overhead = max(0.0, overhead + measured_fit["ttft_p50_s"] - sim0["ttft_p50_s"])
-        if base_step:
-            factor *= measured_fit["tpot_p50_ms"] / max(1e-9, sim0["tpot_p50_ms"])
-    rows = []
-    for policy in a.policies.split(","):
-        if not (run / f"{policy}.requests.jsonl").exists():
-            continue
-        _, recs, _ = load_run(run, policy)
-        meas = summarize(recs)
-        sim = sim_mean(policy, sessions_for(trace, recs), factor, overhead)
-        err = (sim["goodput_tps"] - meas["goodput_tps"]) / meas["goodput_tps"]
-        rows.append({"policy": policy, "measured_goodput_tps": meas["goodput_tps"],
-                     "simulated_goodput_tps": round(sim["goodput_tps"], 2), "error_pct": round(100 * err, 1),
-                     "held_out": policy != a.fit_on})
-        print(f"{policy:16s} measured {meas['goodput_tps']:8.2f} tok/s  simulated {sim['goodput_tps']:8.2f}  "
-              f"error {100 * err:+.1f}%{'' if policy != a.fit_on else '  (fit-on run)'}")
-    print(f"fitted: contention factor {factor:.3f}, overhead {overhead * 1e3:.0f} ms per turn")
+    m = run_meta.meta("benchmarks.validate", argv)
+    try:
+        steps = [(json.loads(Path(f).read_text()).get("drafter"), load_step_model(f)) for f in a.step_costs]
+        accs = [parse_spec(x) for x in a.acceptance]
+        trials = [validate_trial(name, d, a.policies.split(","), a.fit_on, steps, accs, a.fit_contention,
+                                 a.seeds, a.concurrency, a.trace) for name, d in trial_dirs(Path(a.run))]
+    except (ValueError, OSError, KeyError) as exc:
+        ap.error(str(exc))
+    summary = {"kind": "validation", "meta": run_meta.finish(m), "run": a.run, "fit_on": a.fit_on,
+               "fit_contention": a.fit_contention, "goal_pct": GOAL_PCT,
+               "step_costs_source": [m.source for _, m in steps] or "the mock's own step model",
+               "acceptance_source": sorted({t["acceptance_from"] for t in trials}), "trials": trials,
+               "by_policy": by_policy(trials)}
+    for p, e in summary["by_policy"].items():
+        print(f"{p:16s} median error {e['median_error_pct']:+.1f}%  max |error| {e['max_abs_error_pct']:.1f}%  "
+              f"{'held out' if e['held_out'] else 'fit-on'}  {'within' if e['within_goal'] else 'OUTSIDE'} "
+              f"{GOAL_PCT:.0f} %")
     if a.out:
-        Path(a.out).write_text(json.dumps({"rows": rows, "contention_factor": factor, "overhead_s": overhead,
-                                           "alphas": alphas, "kv_tokens": kv_sorted}, indent=2))
+        Path(a.out).write_text(json.dumps(summary, indent=2))
     return 0
 
 
