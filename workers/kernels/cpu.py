@@ -184,6 +184,8 @@ def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: tor
              v_cache: torch.Tensor, nh: int) -> torch.Tensor:
     """qkv [R, (nh + 2 kvh) hd] (fused projection), cos / sin [R, hd] fp32, slots [R] -> q [R, nh, hd] rotated;
     k rotated and v written into the cache [nb, bs, kvh, hd] at their slots."""
+    if cos.dtype != torch.float32 or sin.dtype != torch.float32:
+        raise TypeError(f"rope_qkv takes fp32 cos / sin, got {cos.dtype} / {sin.dtype}")
     qkv = qkv.contiguous()
     rows = qkv.shape[0]
     _, _, kvh, hd = k_cache.shape

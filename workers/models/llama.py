@@ -253,7 +253,8 @@ class CausalLM(nn.Module):
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         want, captured = set(capture_layers), {}
         if self.kernel_step(x, meta):
-            rope = FastRope(cos[:, 0].contiguous(), sin[:, 0].contiguous())  # [N, hd] fp32
+            rope = FastRope(cos[:, 0].float().contiguous(), sin[:, 0].float().contiguous())  # [N, hd] fp32 (the table
+            # is in the model's dtype: bf16 in a bf16 model)
             for i, layer in enumerate(self.model.layers):
                 x = layer.forward_kernels(x, rope, kv_caches[i], meta)
                 if i in want:
