@@ -28,11 +28,10 @@ import argparse
 import json
 from pathlib import Path
 
-import httpx
 import yaml
 
 from benchmarks import run_meta
-from benchmarks.router_compare import resolve_drafters, rotated, serve_and_replay
+from benchmarks.router_compare import RUN_ERRORS, failed_run, load_config, rotated, serve_and_replay
 from benchmarks.trials import aggregate, spread
 from benchmarks.workload import add_workload_args, config_from_args, generate, save, teams_for
 from orchestrator.config import ServeConfig
@@ -125,9 +124,8 @@ def run(cfg: dict, levels: list[int], seeds: list[int], policies: list[str], a, 
                     s = replay(p, pcfg, trace, c, a.duration_s, tdir, port=a.port,
                                startup_timeout_s=a.startup_timeout_s, omp_threads=a.omp_threads, extra_body=extra)
                     s["policy"] = p
-                except (RuntimeError, TimeoutError, OSError, httpx.HTTPError) as exc:
-                    print(f"[{p}] c={c} seed {seed}: run failed: {exc}", flush=True)
-                    s = {"failed": f"{type(exc).__name__}: {exc}"[:300]}
+                except RUN_ERRORS as exc:
+                    s = failed_run(exc, f"[{p}] c={c} seed {seed}")
                 trial["policies"][p] = s
                 (tdir / "summary.json").write_text(json.dumps(trial["policies"], indent=2))
                 summary = {"kind": "never_slower", "meta": run_meta.finish(m), "config": cfg,
@@ -180,14 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         if a.sessions_per_client < 1:
             raise ValueError("--sessions-per-client must be >= 1")
         config_from_args(a, seed=0)
-        cfg = yaml.safe_load(Path(a.config).read_text())
-        check_base(cfg, a.block)
-        cfg, a.substituted = resolve_drafters(cfg, a.drafter_fallback)
+        cfg, a.substituted = load_config(a.config, a.drafter_fallback, check=lambda c: check_base(c, a.block))
     except (ValueError, OSError, yaml.YAMLError) as exc:
         ap.error(str(exc))
-    for missing, stand_in in a.substituted.items():
-        print(f"WARNING: drafter {missing} does not exist; {stand_in} stands in (smoke run, not a measurement)",
-              flush=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = run(cfg, levels, seeds, policies, a, out)

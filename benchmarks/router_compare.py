@@ -257,6 +257,19 @@ def resolve_drafters(cfg: dict, fallback: str | None = None) -> tuple[dict, dict
     return cfg, subs
 
 
+def load_config(path: str, fallback: str | None = None, check=ServeConfig.model_validate) -> tuple[dict, dict]:
+    """(config, {missing drafter: stand-in}) from the YAML at ``path``: checked by ``check`` (raises ValueError on
+    a bad one), drafter paths resolved (``resolve_drafters``), a warning printed for every stand-in. Raises
+    ValueError, OSError or yaml.YAMLError for the caller to report."""
+    cfg = yaml.safe_load(Path(path).read_text())
+    check(cfg)
+    cfg, subs = resolve_drafters(cfg, fallback)
+    for missing, stand_in in subs.items():
+        print(f"WARNING: drafter {missing} does not exist; {stand_in} stands in (smoke run, not a measurement)",
+              flush=True)
+    return cfg, subs
+
+
 def policy_config(cfg: dict, policy: str, baseline_spec: str = "fixed") -> dict:
     """The fleet config for one policy's run: router.policy set; a baseline with ``baseline_spec`` "fixed" runs
     speculation at the drafter's block on every request (steering off: it has no acceptance feedback), "steered"
@@ -346,6 +359,16 @@ def serve_and_replay(name: str, cfg: dict, trace, concurrency: int, duration_s: 
     return summary
 
 
+RUN_ERRORS = (RuntimeError, TimeoutError, OSError, httpx.HTTPError)  # a run whose server failed: recorded, not fatal
+
+
+def failed_run(exc: BaseException, where: str) -> dict:
+    """A run that raised one of RUN_ERRORS: says so on stdout, returns its record in a trial ({"failed": "Type:
+    message"}, 300 characters at most), which trials.aggregate counts and leaves out of every spread."""
+    print(f"{where}: run failed: {exc}", flush=True)
+    return {"failed": f"{type(exc).__name__}: {exc}"[:300]}
+
+
 def run_policy(policy: str, cfg: dict, trace, args, out: Path) -> dict:
     summary = serve_and_replay(policy, policy_config(cfg, policy, args.baseline_spec), trace, args.concurrency,
                                args.duration_s, out, port=args.port, startup_timeout_s=args.startup_timeout_s,
@@ -407,9 +430,8 @@ def run_trials(cfg: dict, seeds: list[int], policies: list[str], args, out: Path
         for policy in trial["order"]:
             try:
                 trial["policies"][policy] = run(policy, cfg, trace, args, tdir)
-            except (RuntimeError, TimeoutError, OSError, httpx.HTTPError) as exc:
-                print(f"[{policy}] seed {seed}: run failed: {exc}", flush=True)
-                trial["policies"][policy] = {"failed": f"{type(exc).__name__}: {exc}"[:300]}
+            except RUN_ERRORS as exc:
+                trial["policies"][policy] = failed_run(exc, f"[{policy}] seed {seed}")
             (tdir / "summary.json").write_text(json.dumps(trial["policies"], indent=2))
             summary = {"kind": "router_compare_trials", "meta": run_meta.finish(m), "config": cfg,
                        "substituted_drafters": getattr(args, "substituted", {}), "concurrency": args.concurrency,
@@ -455,14 +477,9 @@ def main(argv: list[str] | None = None) -> int:
             config_from_args(a, seed=0)
         elif not a.trace:
             raise ValueError("give --trace (one run per policy) or --seeds / --trials (repeated trials)")
-        cfg = yaml.safe_load(Path(a.config).read_text())
-        ServeConfig.model_validate(cfg)
-        cfg, a.substituted = resolve_drafters(cfg, a.drafter_fallback)
+        cfg, a.substituted = load_config(a.config, a.drafter_fallback)
     except (ValueError, OSError, yaml.YAMLError) as exc:
         ap.error(str(exc))
-    for missing, stand_in in a.substituted.items():
-        print(f"WARNING: drafter {missing} does not exist; {stand_in} stands in (smoke run, not a measurement)",
-              flush=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if seeds is not None:

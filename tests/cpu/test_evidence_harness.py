@@ -115,6 +115,22 @@ def test_drafter_paths_are_resolved_and_a_missing_one_stops_the_run(tmp_path):
     assert rc.resolve_drafters(mock) == (mock, {})
 
 
+def test_load_config_checks_first_and_warns_for_every_stand_in(tmp_path, capsys):
+    fallback = tmp_path / "fallback"
+    fallback.mkdir()
+    (fallback / "config.json").write_text("{}")
+    path = tmp_path / "fleet.yaml"
+    path.write_text(yaml.safe_dump({"engine": "real", "replicas": [{"count": 1, "drafter": str(tmp_path / "nope")}]}))
+    cfg, subs = rc.load_config(str(path), str(fallback))
+    assert subs == {str(tmp_path / "nope"): str(fallback)} and cfg["replicas"][0]["drafter"] == str(fallback)
+    assert f"WARNING: drafter {tmp_path / 'nope'} does not exist; {fallback} stands in" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="exactly one replica"):  # the caller's check (never_slower: one replica)
+        rc.load_config(str(CONFIGS / "mock_fleet.yaml"), check=lambda c: ns.check_base(c, 16))
+    with pytest.raises(SystemExit) as e:
+        ns.main(["--config", str(CONFIGS / "mock_fleet.yaml"), "--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and not (tmp_path / "out").exists()
+
+
 def test_seeds_trials_and_rotation():
     assert rc.parse_seeds(None, None) is None
     assert rc.parse_seeds(None, 3) == [0, 1, 2] and rc.parse_seeds("11,12", None) == [11, 12]
