@@ -50,6 +50,8 @@ ROLES = ("planner", "coder", "reviewer", "tool_caller")
 KINDS = ("json_schema", "tool_call", "regex")
 
 
+# engine_bench.cpu_name, repeated on purpose: this file is copied into older trees to measure the code before
+# the decision-cost work (docs/routing.md), so it imports nothing from benchmarks/ (run_meta is newer).
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
