@@ -38,6 +38,23 @@ def _when(summary: dict) -> str:
     return f"{m.get('started', '?')[:16]}, load {m.get('loadavg_start', '?').split(' ')[0]}"
 
 
+def _save(fig, out: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _grouped_bars(ax, groups: list[str], series: dict[str, tuple[list[float], list[list[float]] | None]]) -> None:
+    """One bar per series in each group, side by side (colour per series name), x ticks at the groups' centres;
+    series: {name: (heights, yerr or None)}."""
+    width = 0.8 / max(1, len(series))
+    for i, (name, (heights, yerr)) in enumerate(series.items()):
+        ax.bar([j + i * width for j in range(len(groups))], heights, width, yerr=yerr, capsize=3, label=name,
+               color=COLORS.get(name))
+    ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(groups))], groups)
+
+
 def goodput_spread(summary: dict, out: Path, title: str) -> Path:
     """Bars: goodput per policy, median over trials, whiskers min-max; specfleet / it above each baseline."""
     pols = list(summary["policies"])
@@ -54,10 +71,7 @@ def goodput_spread(summary: dict, out: Path, title: str) -> Path:
     ax.set_ylabel("goodput (tokens/s): median, min-max")
     ax.set_title(f"{title}\n{n} trial(s); {_when(summary)}", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def tau_by_replica_role(summary: dict, out: Path, title: str) -> Path:
@@ -68,22 +82,16 @@ def tau_by_replica_role(summary: dict, out: Path, title: str) -> Path:
     roles = sorted({r for p in pols for lab in reps for r in taus[p].get(lab, {})},
                    key=lambda r: (ROLE_ORDER.index(r) if r in ROLE_ORDER else 99, r))
     fig, axes = plt.subplots(1, max(1, len(reps)), figsize=(5.5 * max(1, len(reps)), 4), squeeze=False, sharey=True)
-    width = 0.8 / max(1, len(pols))
     for ax, lab in zip(axes[0], reps or ["(no speculative turns)"]):
-        for i, p in enumerate(pols):
-            cells = [_err(taus[p].get(lab, {}).get(r)) for r in roles]
-            ax.bar([j + i * width for j in range(len(roles))], [c[0] for c in cells], width,
-                   yerr=[[c[1] for c in cells], [c[2] for c in cells]], capsize=3, label=p, color=COLORS.get(p))
-        ax.set_xticks([j + width * (len(pols) - 1) / 2 for j in range(len(roles))], roles)
+        cells = {p: [_err(taus[p].get(lab, {}).get(r)) for r in roles] for p in pols}
+        _grouped_bars(ax, roles, {p: ([c[0] for c in cs], [[c[1] for c in cs], [c[2] for c in cs]])
+                                  for p, cs in cells.items()})
         ax.set_title(lab, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("tau (tokens per target pass)")
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"{title} ({_when(summary)})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def never_slower_curve(summary: dict, out: Path, title: str) -> Path:
@@ -114,10 +122,7 @@ def never_slower_curve(summary: dict, out: Path, title: str) -> Path:
     ax2.grid(alpha=0.3)
     ax2.legend()
     fig.suptitle(f"{title} ({len(summary.get('seeds', []))} seed(s); {_when(summary)})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def load_summary(path: Path) -> dict:
@@ -141,28 +146,18 @@ def goodput_vs_concurrency(projection: dict, out: Path, title_suffix: str = "") 
         ax.grid(alpha=0.3)
     axes[0][0].legend()
     fig.suptitle(f"PROJECTION (simulated, not measured): DGX B300 goodput by router{title_suffix}")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def tau_by_role(summaries: dict, out: Path, title: str) -> Path:
     roles = sorted({r for s in summaries.values() for r in s.get("tau_by_role", {})})
     fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.8 / max(1, len(summaries))
-    for i, (pol, s) in enumerate(summaries.items()):
-        ax.bar([j + i * width for j in range(len(roles))], [s["tau_by_role"].get(r, 0) for r in roles], width,
-               label=pol, color=COLORS.get(pol))
-    ax.set_xticks([j + width * (len(summaries) - 1) / 2 for j in range(len(roles))], roles)
+    _grouped_bars(ax, roles, {pol: ([s["tau_by_role"].get(r, 0) for r in roles], None) for pol, s in summaries.items()})
     ax.set_ylabel("tau (tokens per target pass, speculative turns)")
     ax.set_title(title)
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def headroom_over_time(run: Path, out: Path, title: str) -> Path:
@@ -182,10 +177,7 @@ def headroom_over_time(run: Path, out: Path, title: str) -> Path:
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("free KV (%)")
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def main(argv: list[str] | None = None) -> int:
