@@ -5,15 +5,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import pytest
 
-from tests.helpers.serving import wait_healthy
+from tests.helpers.serving import start_serve
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 PORT = 18742
@@ -22,16 +20,7 @@ AUTH = {"authorization": "Bearer cli-key"}
 
 
 def _start(cfg_path, log_path):
-    env = dict(os.environ, RAY_AUTH_MODE="disabled")
-    log = open(log_path, "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", str(cfg_path)], stdout=log,
-                            stderr=subprocess.STDOUT, env=env)
-    try:
-        wait_healthy(URL, timeout_s=240)
-    except TimeoutError:
-        proc.kill()
-        raise AssertionError(open(log_path).read()[-3000:])
-    return proc
+    return start_serve(cfg_path, log_path, URL, env=dict(os.environ, RAY_AUTH_MODE="disabled"))
 
 
 def test_serve_process_drains_on_sigint_and_keeps_sessions(tmp_path):

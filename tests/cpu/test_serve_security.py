@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.helpers.serving import wait_healthy
+from tests.helpers.serving import start_serve
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 PORT = 18743
@@ -77,17 +76,9 @@ def server(tmp_path_factory):
         "persistence": {"sqlite_path": str(tmp / "sessions.sqlite")}, "auth": {"keys_env": None},
         "replicas": [{"count": 1, "drafter": "none", "mock": {"step_ms": 1}}],
     }))
-    log_path = tmp / "serve.log"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
                                                              "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH")}
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", str(cfg)], stdout=log,
-                                stderr=subprocess.STDOUT, env=env)
-    try:
-        wait_healthy(URL, timeout_s=240)
-    except TimeoutError:
-        proc.kill()
-        raise AssertionError(log_path.read_text()[-3000:])
+    proc = start_serve(cfg, tmp / "serve.log", URL, env=env)
     try:
         yield proc
     finally:

@@ -5,7 +5,10 @@ Also meant for the reliability tests: `inproc_app(cfg)` and `serve_instance(cfg)
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 
@@ -52,3 +55,18 @@ def wait_healthy(url: str, timeout_s: float = 60.0) -> None:
                 return
         time.sleep(0.3)
     raise TimeoutError(f"{url} did not become healthy in {timeout_s} s")
+
+
+def start_serve(cfg_path, log_path, url: str, env: dict | None = None, timeout_s: float = 240.0) -> subprocess.Popen:
+    """`specfleet serve cfg_path` as a child process (stdout and stderr appended to log_path), returned once url
+    answers /health; if it does not within timeout_s, the process is killed and an AssertionError carries the
+    log's tail."""
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", str(cfg_path)], stdout=log,
+                                stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_healthy(url, timeout_s=timeout_s)
+    except TimeoutError:
+        proc.kill()
+        raise AssertionError(Path(log_path).read_text()[-3000:])
+    return proc
