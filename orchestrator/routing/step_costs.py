@@ -36,18 +36,22 @@ def _ms(v: Any) -> float | None:
     return x if math.isfinite(x) and x > 0.0 else None
 
 
+def _key(k: Any) -> int | None:
+    """A batch or block key: what int() reads (JSON keys are strings), else None."""
+    try:
+        return int(k)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
 def _row(raw: Any) -> Row:
     """{batch: ms} (any keys int() reads) -> a sorted row; bad entries dropped."""
     if not isinstance(raw, dict):
         return (), ()
     pts = {}
     for k, v in raw.items():
-        try:
-            b = int(k)
-        except (TypeError, ValueError, OverflowError):
-            continue
-        ms = _ms(v)
-        if b >= 1 and ms is not None:
+        b, ms = _key(k), _ms(v)
+        if b is not None and b >= 1 and ms is not None:
             pts[b] = ms
     keys = tuple(sorted(pts))
     return keys, tuple(pts[b] for b in keys)
@@ -58,13 +62,11 @@ def _blocks(raw: Any) -> dict[int, Row]:
         return {}
     out = {}
     for k, v in raw.items():
-        try:
-            blk = int(k)
-        except (TypeError, ValueError, OverflowError):
-            continue
-        row = _row(v)
-        if blk >= 2 and row[0]:
-            out[blk] = row
+        blk = _key(k)
+        if blk is not None and blk >= 2:
+            row = _row(v)
+            if row[0]:
+                out[blk] = row
     return dict(sorted(out.items()))
 
 
