@@ -3,7 +3,8 @@ memory roofline, with a step-cost table, prefill speed, bf16 agreement and (opti
 
     python benchmarks/engine_bench.py [--model smollm2] [--drafter models/smollm2-135m-dflash-b16]
         [--dtype auto] [--batches 1,4,16] [--max-tokens 64] [--threads 2]
-        [--sections throughput,steps,prefill,llamacpp] [--out bench.json]
+        [--sections throughput,steps,prefill,llamacpp,categories] [--out bench.json]
+        [--categories math,code,chat --category-prompts 6 --category-max-tokens 128]
 
 throughput  every system decodes exactly --max-tokens new tokens per prompt (EOS ignored) from the same chat
             prompts; tokens/s = generated tokens / wall time of the whole batch (prefill included, model load
@@ -13,6 +14,11 @@ throughput  every system decodes exactly --max-tokens new tokens per prompt (EOS
 steps       benchmarks/step_costs.py: AR step, speculative step and drafter alone at blocks --blocks.
 prefill     one prompt of each of --prefill-lengths tokens: our time to first token vs one HF forward.
 llamacpp    llama-bench (../shared/anchors/llama.cpp) on the demo's Q4_1 GGUF and the BF16 GGUF.
+categories  benchmarks/category_speed.py: at batch 1, --category-prompts held-out prompts per category of
+            --categories (benchmarks/acceptance.py's selection: the corpus's held-out split), each alone through
+            AR then DFlash (--block or the drafter's), greedy, stopping at EOS (not ignored), up to
+            --category-max-tokens; per category tokens, wall time, tok/s, DFlash/AR, tau, prompts identical to AR
+            and first divergences. Also on its own: python -m benchmarks.category_speed --categories math,code.
 Every run records date, CPU, threads, load average before / after and the CPU time stolen by the hypervisor.
 """
 from __future__ import annotations
@@ -225,6 +231,17 @@ def section_llamacpp(args) -> list[dict]:
     return rows
 
 
+def section_categories(args, eng) -> dict | None:
+    from benchmarks import category_speed
+    from benchmarks.acceptance import DEFAULT_CORPUS
+
+    if eng.drafter is None:
+        print("categories: no drafter, skipped", flush=True)
+        return None
+    return category_speed.section(eng, category_speed.parse_categories(args.categories), args.category_prompts,
+                                  args.category_max_tokens, args.block, args.corpus or str(DEFAULT_CORPUS))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
@@ -241,6 +258,11 @@ def main() -> int:
     ap.add_argument("--prefill-lengths", default="512,2048,4096")
     ap.add_argument("--gguf", action="append", default=None,
                     help="GGUF files for the llamacpp section (default: the demo's Q4_1 and BF16 in the cache)")
+    ap.add_argument("--categories", default="math,code,chat", help="prompt categories of the categories section")
+    ap.add_argument("--category-prompts", type=int, default=6, help="held-out prompts per category (categories)")
+    ap.add_argument("--category-max-tokens", type=int, default=128, help="token cap per prompt (categories; EOS stops)")
+    ap.add_argument("--corpus", default=None, help="token corpus of the categories section's held-out prompts "
+                    "(default: benchmarks/acceptance.py's)")
     ap.add_argument("--out", default=None, help="write results as JSON here")
     ap.add_argument("--profile", type=int, default=0, help="instead: torch-profile N AR decode steps at batch 1")
     args = ap.parse_args()
@@ -254,6 +276,13 @@ def main() -> int:
     args.prefill_list = [int(n) for n in args.prefill_lengths.split(",")]
     args.systems = args.systems.split(",")
     sections = args.sections.split(",")
+    if "categories" in sections:
+        from benchmarks.category_speed import parse_categories
+
+        try:
+            parse_categories(args.categories)
+        except ValueError as e:
+            ap.error(str(e))
     cache = Path("~/.cache/specfleet/downloads").expanduser()
     args.gguf = args.gguf or [str(cache / "SmolLM2-135M-Instruct.Q4_1.gguf"), str(cache / "SmolLM2-135M-Instruct.BF16.gguf")]
     account = CpuAccount()
@@ -261,7 +290,8 @@ def main() -> int:
     drafter = args.drafter if Path(args.drafter).is_dir() else None
     if drafter is None:
         print(f"no drafter at {args.drafter}: AR only")
-    max_len = max([2048] + [n + 64 for n in args.prefill_list])
+    max_len = max([2048] + [n + 64 for n in args.prefill_list]
+                  + ([2048 + args.category_max_tokens] if "categories" in sections else []))  # corpus prompts < 2048
     eng = LLMEngine(EngineConfig(model=model_dir, drafter=drafter, device="cpu", dtype=args.dtype,
                                  max_model_len=max_len, max_num_seqs=max(args.batch_list)))
     base = [chat_ids(eng.tokenizer, p) for p in PROMPTS]
@@ -283,6 +313,8 @@ def main() -> int:
         result["prefill"] = section_prefill(args, eng, model_dir)
     if "llamacpp" in sections:
         result["llamacpp"] = section_llamacpp(args)
+    if "categories" in sections:
+        result["categories"] = section_categories(args, eng)
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_name(),
             "threads": torch.get_num_threads(), "dtype": str(eng.dtype).removeprefix("torch."), "model": model_dir,
             "drafter": drafter, "max_tokens": args.max_tokens, "prompts": len(prompts), **account.finish()}
