@@ -94,6 +94,21 @@ def tau_by_replica_role(summary: dict, out: Path, title: str) -> Path:
     return _save(fig, out)
 
 
+def _spread_line(ax, xs: list[int], cells: list[tuple[float, float, float]], **kw) -> None:
+    """Medians over xs with min-max bars (cells: _err triples)."""
+    ax.errorbar(xs, [c[0] for c in cells], yerr=[[c[1] for c in cells], [c[2] for c in cells]], marker="o",
+                capsize=4, **kw)
+
+
+def _concurrency_axes(ax, xs: list[int], ylabel: str) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.set_xlabel("concurrent agent sessions (closed loop)")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+
+
 def never_slower_curve(summary: dict, out: Path, title: str) -> Path:
     """Left: goodput vs concurrency per policy (median, min-max bars). Right: specfleet / max(static) per
     concurrency (median, min-max) against the goal."""
@@ -102,25 +117,13 @@ def never_slower_curve(summary: dict, out: Path, title: str) -> Path:
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for p in summary.get("policies", []):
         cells = [_err(summary["levels"][c]["policies"].get(p, {}).get("goodput_tps")) for c in levels]
-        ax.errorbar(xs, [c[0] for c in cells], yerr=[[c[1] for c in cells], [c[2] for c in cells]], marker="o",
-                    capsize=4, label=p, color=COLORS.get(p))
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(xs, [str(x) for x in xs])
-    ax.set_xlabel("concurrent agent sessions (closed loop)")
-    ax.set_ylabel("goodput (tokens/s)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    cells = [_err(summary["levels"][c].get("ratio")) for c in levels]
-    ax2.errorbar(xs, [c[0] for c in cells], yerr=[[c[1] for c in cells], [c[2] for c in cells]], marker="o",
-                 capsize=4, color=COLORS["specfleet"], label="specfleet / max(static)")
+        _spread_line(ax, xs, cells, label=p, color=COLORS.get(p))
+    _concurrency_axes(ax, xs, "goodput (tokens/s)")
+    _spread_line(ax2, xs, [_err(summary["levels"][c].get("ratio")) for c in levels], color=COLORS["specfleet"],
+                 label="specfleet / max(static)")
     ax2.axhline(summary.get("goal", 0.95), color="tab:red", ls="--", label=f"goal {summary.get('goal', 0.95)}")
     ax2.axhline(1.0, color="black", lw=0.6)
-    ax2.set_xscale("log", base=2)
-    ax2.set_xticks(xs, [str(x) for x in xs])
-    ax2.set_xlabel("concurrent agent sessions (closed loop)")
-    ax2.set_ylabel("specfleet / best static")
-    ax2.grid(alpha=0.3)
-    ax2.legend()
+    _concurrency_axes(ax2, xs, "specfleet / best static")
     fig.suptitle(f"{title} ({len(summary.get('seeds', []))} seed(s); {_when(summary)})", fontsize=10)
     return _save(fig, out)
 
