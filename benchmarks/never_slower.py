@@ -31,9 +31,9 @@ from pathlib import Path
 import yaml
 
 from benchmarks import run_meta
-from benchmarks.router_compare import RUN_ERRORS, failed_run, load_config, rotated, serve_and_replay
+from benchmarks.router_compare import RUN_ERRORS, failed_run, load_config, new_trial, serve_and_replay
 from benchmarks.trials import aggregate, spread
-from benchmarks.workload import add_workload_args, config_from_args, generate, save, teams_for
+from benchmarks.workload import add_workload_args, config_from_args, teams_for
 from orchestrator.config import ServeConfig
 
 POLICIES = ("ar", "dflash_b16", "specfleet")
@@ -111,11 +111,8 @@ def run(cfg: dict, levels: list[int], seeds: list[int], policies: list[str], a, 
     for c in levels:
         for seed in seeds:
             wcfg = config_from_args(a, seed=seed, teams=teams_for(c * a.sessions_per_client, a.agents_per_team))
-            trace = generate(wcfg)
             tdir = out / f"c{c}" / f"seed{seed}"
-            tdir.mkdir(parents=True, exist_ok=True)
-            save(tdir / "trace.jsonl", wcfg, trace)
-            trial = {"seed": seed, "dir": str(tdir), "order": rotated(policies, k), "policies": {}}
+            trace, trial = new_trial(wcfg, seed, tdir, policies, k)
             k += 1
             by_level.setdefault(c, []).append(trial)
             for p in trial["order"]:

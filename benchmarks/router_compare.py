@@ -411,6 +411,15 @@ def parse_seeds(seeds: str | None, trials: int | None) -> list[int] | None:
     return list(range(trials))
 
 
+def new_trial(wcfg, seed: int, tdir: Path, policies: list[str], k: int) -> tuple[list, dict]:
+    """(trace, record) of one trial: the trace generated from ``wcfg`` and saved as tdir/trace.jsonl; the record
+    {"seed", "dir", "order": policies rotated by k, "policies": {}} that the runs fill in (trials.aggregate)."""
+    trace = generate(wcfg)
+    tdir.mkdir(parents=True, exist_ok=True)
+    save(tdir / "trace.jsonl", wcfg, trace)
+    return trace, {"seed": seed, "dir": str(tdir), "order": rotated(policies, k), "policies": {}}
+
+
 def run_trials(cfg: dict, seeds: list[int], policies: list[str], args, out: Path, run=None) -> dict:
     """Every policy on one trace per seed; out/seed{S}/ per trial; the aggregate (benchmarks/trials.py) in
     out/summary.json, rewritten after every run (a long run that stops early keeps what it measured).
@@ -421,11 +430,8 @@ def run_trials(cfg: dict, seeds: list[int], policies: list[str], args, out: Path
     summary: dict = {}
     for i, seed in enumerate(seeds):
         wcfg = config_from_args(args, seed=seed)
-        trace = generate(wcfg)
         tdir = out / f"seed{seed}"
-        tdir.mkdir(parents=True, exist_ok=True)
-        save(tdir / "trace.jsonl", wcfg, trace)
-        trial = {"seed": seed, "dir": str(tdir), "order": rotated(policies, i), "policies": {}}
+        trace, trial = new_trial(wcfg, seed, tdir, policies, i)
         trials.append(trial)
         for policy in trial["order"]:
             try:
