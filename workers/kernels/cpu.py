@@ -7,7 +7,10 @@ same time (Ray workers) build under a file lock; the library is renamed into pla
 
 Where no compiler is found or the build fails, ``available()`` is False, the reason is logged once, and the
 callers keep their plain-torch path (same results up to fp32 summation order). ``SPECFLEET_CPU_KERNELS=0``
-turns the kernels off.
+turns the kernels off. ``disable(reason)`` turns them off for the rest of the process (the engine's start-up
+self-check, workers/engine/kernel_check.py, does when they disagree with the torch path on its model) and
+``suspended()`` for a block of code (that check's torch reference); every caller asks ``available()`` or a
+``supports_*`` first, so both send every op back to torch.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import platform
 import shutil
 import subprocess
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +37,8 @@ HEAD_DIMS = (64, 128)  # head_dim values the attention kernel is built for
 
 _lib: ctypes.CDLL | None = None
 _tried = False
+_disabled: str | None = None  # why disable() turned the kernels off in this process
+_suspended = 0  # > 0 inside suspended()
 _lock = threading.Lock()
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -114,7 +120,31 @@ def library() -> ctypes.CDLL | None:
 
 
 def available() -> bool:
-    return library() is not None
+    return _disabled is None and not _suspended and library() is not None
+
+
+def disable(reason: str) -> None:
+    """Turn the kernels off for the rest of this process: every op takes its torch path from the next call on."""
+    global _disabled
+    _disabled = reason
+
+
+def disabled_reason() -> str | None:
+    """Why ``disable`` turned the kernels off, or None."""
+    return _disabled
+
+
+@contextmanager
+def suspended():
+    """The torch path for every op while inside (process-wide: other threads' steps too, which stay correct)."""
+    global _suspended
+    with _lock:
+        _suspended += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _suspended -= 1
 
 
 _ATTENTION = {torch.bfloat16: "attention_bf16", torch.float32: "attention_f32"}

@@ -40,7 +40,7 @@ class DFlashProposer:
             anchors=[r.token_ids[-1] for r in batch], ctx_lens=[r.num_computed for r in batch],
             blocks=[r.num_drafts + 1 for r in batch], tables=[r.block_table for r in batch],
             mask_token_id=self.mask_token_id, block_size=self.kv_block_size, device=self.device,
-            kernel=self.use_kernel,
+            kernel=self.use_kernel and cpu_kernels.available(),  # off once disabled (kernel_check.py)
         )
         logits = runner.propose_logits(d)  # [B, Q-1, V], or [B, Q-1, Vd] over the draft vocabulary
         # [Vd] token id of each draft-vocabulary column, or None (full vocabulary)
