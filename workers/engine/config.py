@@ -21,4 +21,5 @@ class EngineConfig:
     seed: int = 0
     cuda_graphs: bool = False  # workers/engine/graph_runner.py: CUDA graphs on GPU (tp == 1), static-buffer replay on CPU
     calibrate_step_costs: bool = False  # time AR / speculative steps at start-up (workers/engine/calibrate.py): the router's step costs
+    check_cpu_kernels: bool = True  # workers/engine/kernel_check.py: kernels vs torch at start-up, off if they disagree
     cpu_packed_weights: bool = True  # workers/models/packed.py: oneDNN-reordered bf16 weights where the CPU has native bf16

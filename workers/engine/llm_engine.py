@@ -92,6 +92,11 @@ class LLMEngine:
         self._pending: list[RequestOutput] = []
         self._structured = None  # workers/structured/decoding.py, built on the first constrained request
         self._structured_lock = threading.Lock()
+        self.kernel_check: dict | None = None
+        if cfg.check_cpu_kernels:  # before calibration: a failed check turns the kernels off, and times change
+            from workers.engine.kernel_check import self_check
+
+            self.kernel_check = self_check(self).to_dict()
         self.step_costs: dict | None = None
         if cfg.calibrate_step_costs:
             self.calibrate()
@@ -281,5 +286,6 @@ class LLMEngine:
         s = self.scheduler
         st = self.tracker.snapshot(self.blocks.free_tokens, self.blocks.total_tokens, len(s.running), len(s.waiting))
         st.step_costs = self.step_costs
+        st.kernel_check = self.kernel_check
         return st
 

@@ -131,6 +131,9 @@ class EngineStats:
     # measured at start-up (workers/engine/calibrate.py StepCosts.to_dict()): {"ar_ms": {batch: ms},
     # "spec_ms": {block: {batch: ms}}, "draft_ms": {block: {batch: ms}}}; None = not measured
     step_costs: dict[str, Any] | None = None
+    # the start-up CPU-kernel self-check (workers/engine/kernel_check.py KernelCheck.to_dict()): ok, skipped,
+    # kernels_on, failures, per part (target / drafter) agree and rel_err; None = not run (check_cpu_kernels off)
+    kernel_check: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
