@@ -203,10 +203,13 @@ def _wait_ready(base_url: str, proc: subprocess.Popen, timeout_s: float) -> None
     while time.time() - t0 < timeout_s:
         if proc.poll() is not None:
             raise RuntimeError(f"specfleet serve exited with {proc.returncode}")
-        try:
-            if httpx.get(base_url + "/v1/models", timeout=2.0).status_code == 200:
+        try:  # every replica live (real engines calibrate at start-up: /v1/models answers before they report)
+            r = httpx.get(base_url + "/health", timeout=2.0)
+            body = r.json() if r.status_code == 200 else {}
+            reps = body.get("replicas") or {}
+            if body.get("status") == "ok" and reps.get("live") is not None and reps.get("live") == reps.get("expected"):
                 return
-        except httpx.HTTPError:
+        except (httpx.HTTPError, ValueError):
             pass
         time.sleep(1.0)
     raise TimeoutError(f"specfleet serve not ready after {timeout_s:.0f} s")
