@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from ray import serve
 from ray.serve.config import RequestRouterConfig
@@ -225,10 +225,13 @@ def loopback_ray() -> Iterator[None]:
                 os.environ[k] = v
 
 
-def start_local(cfg: ServeConfig, *, init_ray: bool = True, proxy_location: str | None = None) -> str:
+def start_local(cfg: ServeConfig, *, init_ray: bool = True, proxy_location: str | None = None,
+                on_ray_ready: Callable[[], None] | None = None) -> str:
     """Start (or reuse) Ray and Serve on this machine, deploy the app, return the base URL.
     A Ray started here (no `ray.address`) listens on loopback only (`loopback_ray`); the HTTP API on `http.host`.
-    `proxy_location="HeadOnly"` for several Ray nodes on one machine (their proxies would share a port)."""
+    `proxy_location="HeadOnly"` for several Ray nodes on one machine (their proxies would share a port).
+    `on_ray_ready()` runs once Ray is up, before Serve starts (`specfleet serve` takes SIGTERM back from Ray there:
+    /health answers while `serve.run` still waits for the app)."""
     import ray
 
     if init_ray and not ray.is_initialized():
@@ -248,6 +251,8 @@ def start_local(cfg: ServeConfig, *, init_ray: bool = True, proxy_location: str 
                     raise
                 log.warning("Ray start timed out (attempt %d); retrying", attempt + 1)
                 ray.shutdown()
+    if on_ray_ready is not None:
+        on_ray_ready()
     extra = {"proxy_location": proxy_location} if proxy_location else {}
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port}, logging_config={"log_level": "WARNING"},
                 **extra)

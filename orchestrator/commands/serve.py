@@ -123,8 +123,19 @@ specfleet is serving '{model}' at {url}  ({cfg.num_replicas} replica(s), engine=
   for ch in c.chat.completions.create(model="{model}", stream=True,
           messages=[{{"role": "user", "content": "Hello"}}]): print(ch.choices[0].delta.content or "", end="")'
 
-  metrics: {url}/metrics   health: {url}/health   Ctrl-C drains in-flight streams and stops.
+  metrics: {url}/metrics   health: {url}/health   Ctrl-C or SIGTERM drains in-flight streams and stops.
 """
+
+
+def install_stop_handlers(handler) -> None:
+    """SIGINT and SIGTERM both run `handler` (the graceful stop). Called before Ray starts and again once it is up
+    (before Serve starts: /health can answer while start_local still waits for the app):
+    ray.init in the driver installs its own SIGTERM handlers (a Python one that exits at once, and Ray's C++
+    failure handler, which prints "*** SIGTERM received ..." and aborts), replacing ours, so `kill`, systemd,
+    Docker and Kubernetes would kill the server without draining. signal.signal sets the process-level handler
+    again (sigaction), taking SIGTERM back from Ray."""
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -154,14 +165,16 @@ def run(args: argparse.Namespace) -> int:
     def on_signal(signum, _frame):
         if stop.is_set():  # a second Ctrl-C: stop at once
             os._exit(130)
-        print("\nspecfleet: shutting down (draining in-flight requests; Ctrl-C again to force)...", flush=True)
+        name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+        print(f"\nspecfleet: {name}: shutting down (draining in-flight requests; Ctrl-C again to force)...",
+              flush=True)
         stop.set()
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    install_stop_handlers(on_signal)
     print(f"specfleet: starting Ray Serve ({cfg.num_replicas} replica(s), engine={cfg.engine})...", flush=True)
     try:
-        url = start_local(cfg)
+        # again once Ray is up: ray.init replaced the SIGTERM handler (see install_stop_handlers)
+        url = start_local(cfg, on_ray_ready=lambda: install_stop_handlers(on_signal))
     except BaseException:
         stop_local()
         raise
