@@ -5,6 +5,7 @@
     ProposeRequest(..., guide=g)                           # the proposer drafts through g.draw (DraftGuide)
     g.walk_unguided(drafts)                                # drafts not drawn through the grammar: checked
     g.mask_target(items, starts, n_rows, logits)           # -inf on the forbidden logits of their target rows
+                                                           # (greedy rows: only where the argmax needs it)
     g.commit_all(results)                                  # grammar states follow the committed tokens
     g.rollback()                                           # the step failed before committing: undo the walks
 """
@@ -22,6 +23,7 @@ class GrammarStep:
     def __init__(self, decoder: StructuredDecoder, items: list[Any], generator_for):
         self.d = decoder
         self.ids = {it.seq.request_id for it in items if decoder.has(it.seq.request_id)}
+        self.greedy = {it.seq.request_id: it.seq.sampling.greedy for it in items}
         self.generator_for = generator_for
         self.ar = [it.seq.request_id for it in items if it.seq.request_id in self.ids
                    and (it.kind == "ar" or (it.kind == "prefill" and it.sample))]
@@ -50,7 +52,7 @@ class GrammarStep:
     def walk_unguided(self, drafts: dict[str, Draft]) -> None:
         for rid, d in drafts.items():
             if rid in self.ids and rid not in self.walks:
-                self.walks[rid] = self.d.walk(rid, d.tokens)
+                self.walks[rid] = self.d.walk(rid, d.tokens, greedy=self.greedy[rid])
 
     # ---- target rows ----
     def mask_target(self, items: list[Any], starts: list[int], n_rows: list[int], logits: torch.Tensor) -> None:
@@ -64,7 +66,9 @@ class GrammarStep:
             rid = it.seq.request_id
             if rid not in self.ids or n == 0:
                 continue
-            if rid in self.walks:
+            if rid in self.walks and it.seq.sampling.greedy:  # masks computed only where a token depends on them
+                self.d.settle_greedy(rid, self.walks[rid], logits, r0, n)
+            elif rid in self.walks:
                 rows.extend(range(r0, r0 + n))
                 masks.extend(self.walks[rid].masks[:n])
                 greedy.extend([it.seq.sampling.greedy] * n)
@@ -93,8 +97,8 @@ class GrammarStep:
 
     def _undo(self, rid: str) -> None:
         walk = self.walks.pop(rid, None)
-        if walk is not None and walk.advanced and self.d.has(rid):
-            self.d.matchers[rid].rollback(walk.advanced)
+        if walk is not None and self.d.has(rid):
+            self.d.undo(rid, walk)
 
     def rollback(self) -> None:
         for rid in list(self.walks):
