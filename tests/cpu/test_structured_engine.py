@@ -17,8 +17,8 @@ import pytest
 import torch
 from scipy.stats import chi2
 
-from tests.helpers.char_tokenizer import save_char_tokenizer
-from tests.helpers.tiny import make_tiny_hf_dir, tiny_engine
+from tests.helpers.char_tokenizer import make_char_model_dir
+from tests.helpers.tiny import tiny_engine
 from workers.engine.params import InvalidRequest, SamplingParams, SpecParams, StructuredSpec
 from workers.engine.sampling import RowParams, processed_probs
 
@@ -39,10 +39,7 @@ PROMPTS = [[5, 9, 3, 12, 40], [7, 7, 60, 61], [90, 4, 33, 20, 21, 22], [100, 101
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("grammar")
-    make_tiny_hf_dir(d, "llama", with_tokenizer=False)
-    save_char_tokenizer(d)
-    return d
+    return make_char_model_dir(tmp_path_factory.mktemp("grammar"))
 
 
 @pytest.fixture(scope="module")

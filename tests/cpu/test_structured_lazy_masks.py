@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from tests.cpu.test_structured_engine import PROMPTS, TAGGED, WEATHER, _run, _spec, _Unguided
-from tests.helpers.char_tokenizer import save_char_tokenizer
-from tests.helpers.tiny import make_tiny_hf_dir, tiny_engine
+from tests.helpers.char_tokenizer import make_char_model_dir
+from tests.helpers.tiny import tiny_engine
 from workers.engine.params import SamplingParams, SpecParams
 from workers.structured.bitmask import allowed
 from workers.structured.decoding import build_decoder
@@ -30,10 +30,7 @@ TEXT = '{"city": "Paris", "unit": "celsius", "days": 3}'
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("lazy_masks")
-    make_tiny_hf_dir(d, "llama", with_tokenizer=False)
-    save_char_tokenizer(d)
-    return d
+    return make_char_model_dir(tmp_path_factory.mktemp("lazy_masks"))
 
 
 @pytest.fixture(scope="module")

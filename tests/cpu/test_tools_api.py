@@ -22,9 +22,9 @@ from pydantic import BaseModel, Field
 from orchestrator.api.server import create_app
 from orchestrator.api.state import LocalBackend, ServerState
 from orchestrator.replica import ReplicaCore
-from tests.helpers.char_tokenizer import save_char_tokenizer
+from tests.helpers.char_tokenizer import make_char_model_dir
 from tests.helpers.serving import asgi_client, inproc_app, mock_config
-from tests.helpers.tiny import make_tiny_hf_dir, tiny_engine
+from tests.helpers.tiny import tiny_engine
 from workers.engine.async_engine import AsyncLLMEngine
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -47,9 +47,7 @@ class Verdict(BaseModel):
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tools")
-    make_tiny_hf_dir(d, "llama", with_tokenizer=False, max_position_embeddings=4096)  # tool prompts: ~700 chars
-    save_char_tokenizer(d)
+    d = make_char_model_dir(tmp_path_factory.mktemp("tools"), max_position_embeddings=4096)  # tool prompts: ~700 chars
     eng, _ = tiny_engine(d, "llama", drafter_block=8)
     cfg = mock_config(d)
     spec = cfg.fleet()[0]

@@ -38,3 +38,12 @@ def save_char_tokenizer(path: str | Path) -> None:
     cfg["model_max_length"] = 512
     cfg_path.write_text(json.dumps(cfg, indent=2))
     assert len(fast) == len(VOCAB)
+
+
+def make_char_model_dir(path: str | Path, **model_overrides) -> Path:
+    """A tiny random llama under ``path`` with this character tokenizer (the grammar tests' model dir)."""
+    from tests.helpers.tiny import make_tiny_hf_dir
+
+    make_tiny_hf_dir(path, "llama", with_tokenizer=False, **model_overrides)
+    save_char_tokenizer(path)
+    return Path(path)
