@@ -265,7 +265,17 @@ def live_factors(r: RoutingStats, cfg: RouterWeights) -> tuple[float, float]:
     """(AR, speculative) correction of a measured table: the live EWMA at the batch it describes over the table
     at that batch (the machine's load drifts after start-up). The speculative factor is the mean over the blocks
     with an EWMA; each falls back to the other, then 1. Only while sequences run (``step_batch`` >= 1): an idle
-    replica's EWMAs are from an earlier batch. Bounded by ``LIVE_FACTOR``."""
+    replica's EWMAs are from an earlier batch. Bounded by ``LIVE_FACTOR``.
+
+    The speculative factor is never below the AR factor: live EWMAs may make speculation costlier relative to AR
+    than the calibration measured, never cheaper. A speculative EWMA is read from whatever step had a speculative
+    row (the engine labels a step with its largest block: one block-4 row among 15 AR rows, or a block cut to 2 at
+    a request's max_tokens, costs about an AR step), so it reads low whenever AR and speculative rows share a
+    batch; and the AR EWMA stops moving while every step has a speculative row, so the two factors come from
+    different moments. Their ratio below 1 was that artefact (never_slower at concurrency 16, 2026-12-03: AR
+    factor 4 against speculative ~2.9 turned the table's "AR at batch 13-16" into block 2 on 58 of 83 turns, which
+    then kept the AR EWMA frozen: docs/routing.md, "Live correction"). A ratio above 1 is kept: it errs towards
+    AR, whose steps then refresh the AR EWMA."""
     tab = r.step_costs
     b0 = r.step_batch if r.step_batch is not None else r.num_running
     if tab is None or b0 < 1:
@@ -276,8 +286,10 @@ def live_factors(r: RoutingStats, cfg: RouterWeights) -> tuple[float, float]:
     f_spec = sum(ratios) / len(ratios) if ratios else None
     lo, hi = LIVE_FACTOR
     f_ar, f_spec = (f_ar if f_ar is not None else f_spec), (f_spec if f_spec is not None else f_ar)
-    return (min(hi, max(lo, f_ar)) if f_ar is not None else 1.0,
-            min(hi, max(lo, f_spec)) if f_spec is not None else 1.0)
+    if f_ar is None:
+        return 1.0, 1.0
+    f_ar, f_spec = min(hi, max(lo, f_ar)), min(hi, max(lo, f_spec))
+    return f_ar, max(f_spec, f_ar)
 
 
 _STEP_MEMO: dict[tuple, tuple] = {}
@@ -307,11 +319,21 @@ def _step_model(r: RoutingStats, cfg: RouterWeights, cfg_key: tuple):
 
 
 def _blocks(r: RoutingStats, cfg: RouterWeights) -> list[int]:
+    """Candidate blocks: the configured ones; else the blocks the step-cost table measured and the drafter's;
+    without measured speculative rows, the blocks with a live EWMA and the drafter's. With a table, EWMA keys do
+    not add candidates: the engine keys a step by its largest block, which is a request's block cut short at its
+    max_tokens as often as a block anyone chose (blocks 2 and 3 appeared so, and block 2 then ran 58 turns at
+    concurrency 16 in never_slower, 2026-12-03)."""
     top = r.block_size_default
     if not cfg.steer_block:
         return [top]
     tab = r.step_costs
-    cands = set(cfg.block_sizes) or (set(r.step_ms_by_block) | {top} | (set(tab.blocks) if tab is not None else set()))
+    if cfg.block_sizes:
+        cands = set(cfg.block_sizes)
+    elif tab is not None and tab.blocks:
+        cands = set(tab.blocks) | {top}
+    else:
+        cands = set(r.step_ms_by_block) | {top}
     return sorted(b for b in cands if 2 <= b <= top) or [top]
 
 
