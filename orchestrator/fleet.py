@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from orchestrator.kernel_status import CpuKernelStatus
 from orchestrator.routing.stats import RoutingStats
 
 
@@ -36,6 +37,7 @@ class ReplicaSeen:
     node_id: str
     max_ongoing_requests: int
     stats: RoutingStats | None = None  # None until its first routing-stats report
+    cpu_kernels: CpuKernelStatus | None = None  # its engine's start-up CPU-kernel check; None until reported
 
 
 @dataclass
@@ -85,6 +87,7 @@ class FleetView:
                          "suspect": len(self.suspects)},
             "capacity": self.capacity if self.known else None,
             "nodes": {"live": len(self.nodes), "lost": len(self.lost_nodes)},
+            "cpu_kernels": {r.replica_id: r.cpu_kernels.to_dict() for r in self.live if r.cpu_kernels is not None},
         }
 
 
@@ -185,7 +188,8 @@ class RouterDirectory:
                  own_node: str | None = None):
         self.app_name, self.deployment, self.registry = app_name, deployment, registry
         self.own_node = own_node  # the node of the process that reads it (the ingress)
-        self._cache: dict[str, tuple[dict, RoutingStats | None]] = {}  # replica -> (its stats dict, parsed)
+        # replica -> (its stats dict, parsed, its CPU-kernel check)
+        self._cache: dict[str, tuple[dict, RoutingStats | None, CpuKernelStatus | None]] = {}
 
     def replicas(self) -> list[ReplicaSeen] | None:
         router = self.registry.get(self.app_name, self.deployment)
@@ -196,9 +200,10 @@ class RouterDirectory:
             rid = r.replica_id.unique_id
             d = getattr(r, "routing_stats", None) or {}
             hit = self._cache.get(rid)
-            stats = hit[1] if hit is not None and hit[0] is d else fleet_stats(rid, d)  # parse once per report
-            cache[rid] = (d, stats)
-            out.append(ReplicaSeen(rid, str(r.node_id or ""), int(r.max_ongoing_requests), stats))
+            if hit is None or hit[0] is not d:  # parse once per report
+                hit = (d, fleet_stats(rid, d), CpuKernelStatus.from_report(d))
+            cache[rid] = hit
+            out.append(ReplicaSeen(rid, str(r.node_id or ""), int(r.max_ongoing_requests), hit[1], hit[2]))
         self._cache = cache
         return out
 

@@ -2,7 +2,9 @@
 
 Per replica, from what each stream reports: accepted length per target pass (histogram), tokens,
 decode speed, KV and VRAM headroom, queue depth; per route reason: decisions; per endpoint: requests
-by HTTP status (every response) and latency; turns by outcome. A private registry per server keeps tests independent.
+by HTTP status (every response) and latency; turns by outcome. From the fleet view at every scrape: replicas,
+nodes, and per replica its engine's start-up CPU-kernel self-check. A private registry per server keeps tests
+independent.
 """
 from __future__ import annotations
 
@@ -63,6 +65,16 @@ class Metrics:
                                   "(kind: ar, or block_N for a speculative step of block N)", ["node", "kind"],
                                   registry=r)
         self.node_lost = Gauge("specfleet_node_lost", "1 for a node whose replicas are gone", ["node"], registry=r)
+        # per live replica, its engine's start-up CPU-kernel self-check (orchestrator/kernel_status.py)
+        self.kernel_check = Gauge("specfleet_cpu_kernel_check", "1 for the result of the replica engine's start-up "
+                                  "CPU-kernel self-check (passed, failed: kernels turned off, skipped, not_run)",
+                                  ["replica", "check"], registry=r)
+        self.kernels_enabled = Gauge("specfleet_cpu_kernels_enabled", "1 when the replica's engine serves through "
+                                     "the CPU kernels, 0 when off (check: why); absent when not known (not run)",
+                                     ["replica", "check"], registry=r)
+        self.kernel_rel_err = Gauge("specfleet_cpu_kernel_check_rel_err", "Worst relative logits error, CPU "
+                                    "kernels vs the torch path, in the replica's start-up self-check", ["replica"],
+                                    registry=r)
         self.refused = Counter("specfleet_admission_refused", "Requests refused by fleet admission "
                                "(fleet_capacity: 429, no_replica: 503)", ["reason"], registry=r)
         self.tool_calls = Counter("specfleet_tool_calls", "Tool calls returned to clients", registry=r)
@@ -129,6 +141,21 @@ class Metrics:
                 self.node_step_ms.labels(n.node_id, f"block_{b}").set(ms)
         for node in view.lost_nodes:
             self.node_lost.labels(node).set(1)
+        self.kernels(view.live)
+
+    def kernels(self, live) -> None:
+        """The CPU-kernel gauges of the live replicas (orchestrator.fleet.ReplicaSeen; gone ones vanish)."""
+        for g in (self.kernel_check, self.kernels_enabled, self.kernel_rel_err):
+            g.clear()
+        for rep in live:
+            k = rep.cpu_kernels
+            if k is None:  # not reported yet
+                continue
+            self.kernel_check.labels(rep.replica_id, k.check).set(1)
+            if k.enabled is not None:
+                self.kernels_enabled.labels(rep.replica_id, k.check).set(1 if k.enabled else 0)
+            if k.rel_err is not None:
+                self.kernel_rel_err.labels(rep.replica_id).set(k.rel_err)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -26,6 +26,7 @@ from enum import Enum
 from typing import Any, Callable
 
 from orchestrator.config import ReplicaSpec, ServeConfig
+from orchestrator.kernel_status import REPORT_KEY as KERNELS_KEY, CpuKernelStatus
 from orchestrator.routing.decisions import RouteDecision, choose_spec, land
 from orchestrator.routing.stats import RoutingStats
 from workers.engine.client import EngineClient
@@ -123,6 +124,7 @@ class ReplicaCore:
         self.recent: OrderedDict[str, float] = OrderedDict()
         self.in_flight = 0
         self._own: tuple[float, RoutingStats] | None = None  # (monotonic time built, this replica's stats)
+        self.cpu_kernels = CpuKernelStatus("not_run", None)  # the engine's start-up kernel check, as last seen
 
     def _decide(self, route: dict | None) -> RouteDecision:
         """The router's decision as it lands here, with the SpecParams this replica runs: the router's for
@@ -212,8 +214,11 @@ class ReplicaCore:
         }
 
     def routing_stats(self) -> dict:
-        """What this replica reports to the router (``record_routing_stats``); kept for ``own_stats`` too."""
-        return self._build_stats().to_dict()
+        """What this replica reports to the router (``record_routing_stats``); kept for ``own_stats`` too. Adds
+        the CPU-kernel check under ``cpu_kernels`` (orchestrator/kernel_status.py; RoutingStats ignores it)."""
+        stats = self._build_stats().to_dict()
+        stats[KERNELS_KEY] = self.cpu_kernels.to_dict()
+        return stats
 
     def own_stats(self) -> RoutingStats:
         """This replica's routing stats as a RoutingStats, at most OWN_STATS_TTL_S old (the last report's, or
@@ -223,9 +228,21 @@ class ReplicaCore:
             return own[1]
         return self._build_stats()
 
+    def note_kernels(self, kernel_check: dict | None) -> CpuKernelStatus:
+        """Take in the engine's kernel check (``EngineStats.kernel_check``); warn in the server log when it
+        turned the CPU kernels off (once per change: a restarted engine checks again)."""
+        status = CpuKernelStatus.from_engine(kernel_check)
+        if status != self.cpu_kernels and status.turned_off:
+            log.warning("replica %s: CPU kernels OFF, the start-up self-check failed (the torch path serves, slower "
+                        "and correct): %s", self.replica_id, status.reason)
+        self.cpu_kernels = status
+        return status
+
     def _build_stats(self) -> RoutingStats:
+        est = self.engine.stats()
+        self.note_kernels(est.kernel_check)
         st = RoutingStats.from_engine(
-            self.replica_id, self.engine.stats(), self.telemetry(), list(self.recent),
+            self.replica_id, est, self.telemetry(), list(self.recent),
             max_num_seqs=self.spec.max_num_seqs, block_size_default=self.block_size,
             spec_available=self.spec_available, now=time.time(),
         )
@@ -253,7 +270,9 @@ class ModelReplica:
             block_size=spec.block_size or cfg.model.block_size,
             spec_available=has_drafter, telemetry=engine.telemetry, weights=cfg.router.weights,
         )
-        log.info("replica %s rank %d ready (speculative=%s)", self.core.replica_id, rank, has_drafter)
+        kernels = self.core.note_kernels(engine.stats().kernel_check)
+        log.info("replica %s rank %d ready (speculative=%s, CPU kernel check %s)", self.core.replica_id, rank,
+                 has_drafter, kernels.check)
 
     async def generate(self, **kwargs) -> AsyncIterator[dict]:
         async for item in self.core.generate(**kwargs):

@@ -37,7 +37,7 @@ def create_app(state: ServerState) -> FastAPI:
         if st.draining:
             status = "draining"
         return JSONResponse({"status": status, "in_flight": st.in_flight, **{k: fleet[k] for k in
-                             ("replicas", "capacity", "nodes")}},
+                             ("replicas", "capacity", "nodes", "cpu_kernels")}},
                             status_code=503 if status in ("draining", "unavailable") else 200)
 
     @app.get("/metrics", response_class=Response, responses={**METRICS_DOC, **error_responses(400)})

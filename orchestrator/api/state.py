@@ -67,10 +67,12 @@ class LocalBackend:
         return core.generate(**kwargs)
 
     def replicas(self) -> list[ReplicaSeen]:
+        from orchestrator.kernel_status import CpuKernelStatus
         from orchestrator.routing.stats import RoutingStats
 
-        return [ReplicaSeen(c.replica_id, node, c.spec.max_ongoing_requests, RoutingStats.from_dict(c.routing_stats()))
-                for c, node in zip(self.cores, self.nodes)]
+        reports = [c.routing_stats() for c in self.cores]
+        return [ReplicaSeen(c.replica_id, node, c.spec.max_ongoing_requests, RoutingStats.from_dict(d),
+                            CpuKernelStatus.from_report(d)) for c, node, d in zip(self.cores, self.nodes, reports)]
 
 
 def load_tokenizer(cfg: ServeConfig) -> tuple[Any, int]:
