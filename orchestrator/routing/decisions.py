@@ -191,6 +191,9 @@ def stats_of(replica: Any, reports: ReportCache | None = None) -> RoutingStats:
 
 def order_with_shuffled_ties(choices: list[Choice], rng: random.Random, rel: float = 1e-6) -> list[Choice]:
     """Best first; choices whose scores are equal (within rel) are shuffled among themselves."""
+    scores = [c.score for c in choices]
+    if not any(abs(b - a) <= rel * max(1.0, abs(a)) for a, b in zip(scores, scores[1:])):
+        return list(choices)  # no ties (the common case): nothing to shuffle, nothing drawn from rng
     out: list[Choice] = []
     i = 0
     while i < len(choices):

@@ -113,7 +113,7 @@ class SpecfleetRouter(RequestRouter):
     def _corrected(self, replica: Any, now: float) -> RoutingStats:
         """The replica's last report (parsed once) with the requests sent since counted in."""
         s = _dec.stats_of(replica, self._reports)
-        return s.with_inflight(*self._inflight.unseen(s.replica_id, s.updated_at - self._grace_s, now))
+        return self._reports.with_inflight(s, *self._inflight.unseen(s.replica_id, s.updated_at - self._grace_s, now))
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None

@@ -146,9 +146,10 @@ def _solve_alpha(tau: float, b: int) -> float:
         a = _newton_alpha(tau, b)
         if a is not None:
             j = int(a / _GRID)
-            for k in (j, j - 1, j + 1):
+            for k in (j, j - 1, j + 1):  # _geo inlined: the bisection's own expression at the cell's ends
                 lo, hi = k * _GRID, (k + 1) * _GRID
-                if k >= 0 and hi <= 0.99 and (k == 0 or _geo(lo, b) < tau) and _geo(hi, b) >= tau:
+                if (k >= 0 and hi <= 0.99 and (k == 0 or (1.0 - lo**b) / (1.0 - lo) < tau)
+                        and (1.0 - hi**b) / (1.0 - hi) >= tau):
                     return 0.5 * (lo + hi)
     return _bisect_alpha(tau, b)
 
@@ -167,10 +168,20 @@ def _bisect_alpha(tau: float, b: int) -> float:
     return 0.5 * (lo + hi)
 
 
-def _newton_alpha(tau: float, b: int) -> float | None:
-    """The root of sum_{k<b} a^k = tau in [0, 1) by Newton's method (None where it leaves [0, 1)). It starts
-    below the root (1 - 1/tau: the infinite sum's root) and, the sum being convex, converges from above."""
-    a = 1.0 - 1.0 / tau
+def _newton_alpha(tau: float, b: int, start: float | None = None) -> float | None:
+    """The root of sum_{k<b} a^k = tau in [0, 1) by Newton's method (None where it leaves [0, 1)). It starts at
+    ``start`` (by default alpha interpolated on ``_start_grid``, ~1e-6 off, so one or two steps do), or
+    at 1 - 1/tau (the infinite sum's root, below this one) where the grid's point is not above that bound."""
+    low = 1.0 - 1.0 / tau
+    if start is not None:
+        a = start
+    else:
+        grid = _STARTS.get(b) or _start_grid(b)
+        x = (tau - 1.0) * (_START_N / (b - 1))
+        i = min(int(x), _START_N - 1)
+        a = grid[i] + (grid[i + 1] - grid[i]) * (x - i)
+    if not low <= a < 1.0:
+        a = low
     for _ in range(60):
         ab1 = a ** (b - 1)
         s = (1.0 - ab1 * a) / (1.0 - a)
@@ -186,27 +197,62 @@ def _newton_alpha(tau: float, b: int) -> float | None:
     return None
 
 
-def _shrink(x: tuple[float, int] | None, prior: float, k: float) -> tuple[float, int]:
-    if not x or x[1] <= 0:
-        return prior, 0
-    tau, n = x
-    return (n * tau + k * prior) / (n + k), n
+_START_N = 4096  # grid intervals over tau in [1, b]
+_STARTS: dict[int, list[float]] = {}  # b -> alpha at tau = 1 + i (b - 1) / _START_N, i = 0.._START_N
+
+
+def _start_grid(b: int) -> list[float]:
+    """Newton's starting points for block b: alpha on a grid of tau over [1, b] (built once per b, ~5 ms), linearly
+    interpolated by ``_newton_alpha``. Only a start: the result is still certified against the bisection's cells
+    (``_solve_alpha``), so the grid changes how many steps Newton takes (1.3 on average at b = 16, against 3.4 from
+    1 - 1/tau), never the result. Where Newton fails on a grid point (alpha near 1), the point is 1 - 1/tau."""
+    h = (b - 1) / _START_N
+    grid = []
+    for i in range(_START_N + 1):
+        t = 1.0 + i * h
+        a = _newton_alpha(t, b, 1.0 - 1.0 / t) if t < b - 1e-9 else 1.0
+        grid.append(1.0 - 1.0 / t if a is None else a)
+    _STARTS[b] = grid
+    return grid
 
 
 def estimate_tau(req: RouteRequest, r: RoutingStats, cfg: RouterWeights) -> tuple[float, int]:
     """(tau_hat at r.block_size_default, samples behind the most specific estimate)."""
+    taus, ns = _estimates(req, [r], cfg)
+    return taus[0], ns[0]
+
+
+def _estimates(req: RouteRequest, replicas: list[RoutingStats], cfg: RouterWeights) -> tuple[list[float], list[int]]:
+    """``estimate_tau`` for each replica, in one loop: the replica mean (else ``tau_default``) shrunk by the team's,
+    then the role's, then the session's entry (each (tau, n) with n > 0 moves the estimate to
+    (n tau + k prior) / (n + k), k = ``prior_strength``); n from the most specific entry present."""
     k = cfg.prior_strength
-    est = r.tau_mean if r.tau_mean is not None else cfg.tau_default
-    n = 0
-    if req.team:
-        est, n = _shrink(r.tau_by_team.get(req.team), est, k)
-    if req.role:
-        est, n_role = _shrink(r.tau_by_role.get(req.role), est, k)
-        n = n_role or n
-    if req.session_id:
-        est, n_sess = _shrink(r.tau_by_session.get(req.session_id), est, k)
-        n = n_sess or n
-    return est, n
+    default = cfg.tau_default
+    team, role, sid = req.team, req.role, req.session_id
+    taus, ns = [], []
+    for r in replicas:
+        est = r.tau_mean
+        if est is None:
+            est = default
+        n = 0
+        if team:
+            x = r.tau_by_team.get(team)
+            if x and x[1] > 0:
+                t, n = x
+                est = (n * t + k * est) / (n + k)
+        if role:
+            x = r.tau_by_role.get(role)
+            if x and x[1] > 0:
+                t, n = x
+                est = (n * t + k * est) / (n + k)
+        if sid:
+            x = r.tau_by_session.get(sid)
+            if x and x[1] > 0:
+                t, n = x
+                est = (n * t + k * est) / (n + k)
+        taus.append(est)
+        ns.append(n)
+    return taus, ns
 
 
 # ------------------------------------------------------------------ step-time model
@@ -292,17 +338,47 @@ def live_factors(r: RoutingStats, cfg: RouterWeights) -> tuple[float, float]:
     return f_ar, max(f_spec, f_ar)
 
 
-_STEP_MEMO: dict[tuple, tuple] = {}
+class _Model:
+    """What a replica's score needs that does not depend on the request: its candidate blocks and step times at
+    the batch it would run this request at (batch + 1) and at its current batch, the AR mode, the (block, step ms,
+    block as a float) of each candidate, and ``tau_ar``: at a tau (at the drafter's block) up to this one no block
+    can beat AR by ``spec_margin``, even at tau(b) = min(tau, b), an upper bound of the i.i.d. model's tau(b)
+    (tau(b) grows with b up to tau at the drafter's block, and never exceeds b). The bound keeps a slack ``_SAFE``
+    over the rounding in tau(b) (< 1e-5 relative, near alpha = 1), so where it settles a mode as AR, the exact
+    comparison (``_best_mode``) would have chosen AR too: the same result, without solving alpha."""
+
+    __slots__ = ("blocks", "t_ar", "t_spec", "t_ar_now", "t_spec_now", "ar_mode", "spec", "tau_ar")
+
+    def __init__(self, blocks: list[int], t_ar: float, t_spec: dict[int, float], t_ar_now: float,
+                 t_spec_now: dict[int, float], spec_margin: float):
+        self.blocks, self.t_ar, self.t_spec, self.t_ar_now, self.t_spec_now = blocks, t_ar, t_spec, t_ar_now, t_spec_now
+        self.ar_mode = (1.0 / t_ar, 1.0, None)  # (rate tokens/ms, tau, block)
+        self.spec = tuple((b, t_spec[b], float(b)) for b in blocks)
+        thr = self.ar_mode[0] * spec_margin
+        # block b cannot win while max(1, min(tau, b)) / t_b x _SAFE <= thr, i.e. tau <= cap = thr t_b / _SAFE
+        # where cap < b (no tau when cap < 1: tau(b) is at least 1)
+        caps = [thr * t / _SAFE for _, t, _ in self.spec]
+        if min(caps) < 1.0:
+            self.tau_ar = -math.inf
+        else:
+            self.tau_ar = min((c for c, (_, _, fb) in zip(caps, self.spec) if c < fb), default=math.inf) * (1.0 - 1e-9)
+
+
+_SAFE = 1.0 + 1e-4
+
+
+_STEP_MEMO: dict[tuple, _Model] = {}
 
 
 def _step_cfg_key(cfg: RouterWeights) -> tuple:
-    """The knobs _blocks and step_times read."""
-    return (cfg.steer_block, tuple(cfg.block_sizes), cfg.batch_slope, cfg.default_step_ms, cfg.spec_cost_ratio)
+    """The knobs _blocks, step_times and _Model read."""
+    return (cfg.steer_block, tuple(cfg.block_sizes), cfg.batch_slope, cfg.default_step_ms, cfg.spec_cost_ratio,
+            cfg.spec_margin)
 
 
-def _step_model(r: RoutingStats, cfg: RouterWeights, cfg_key: tuple):
-    """(blocks, t_ar, t_spec at batch + 1, t_ar, t_spec at the current batch) of a replica; memoised on
-    what they are computed from (the same report and batch recur from decision to decision)."""
+def _step_model(r: RoutingStats, cfg: RouterWeights, cfg_key: tuple) -> _Model:
+    """A replica's ``_Model``; memoised on what it is computed from (the same report and batch recur from decision
+    to decision: a new report or a request counted in changes the key)."""
     key = (r.block_size_default, r.num_running, r.step_ms_ar, r.step_base_ms, r.step_per_token_ms, r.draft_ms,
            tuple(r.step_ms_by_block.items()), r.step_costs.token if r.step_costs is not None else 0, r.step_batch,
            cfg_key)
@@ -314,7 +390,7 @@ def _step_model(r: RoutingStats, cfg: RouterWeights, cfg_key: tuple):
         t_ar_now, t_spec_now = (t_ar, t_spec) if batch_now == batch else step_times(r, cfg, batch_now, blocks)
         if len(_STEP_MEMO) >= _MEMO_SIZE:
             _STEP_MEMO.clear()
-        out = _STEP_MEMO[key] = (blocks, t_ar, t_spec, t_ar_now, t_spec_now)
+        out = _STEP_MEMO[key] = _Model(blocks, t_ar, t_spec, t_ar_now, t_spec_now, cfg.spec_margin)
     return out
 
 
@@ -351,98 +427,134 @@ class _Eval:
     cached: bool
 
 
-def _evaluate(req: RouteRequest, r: RoutingStats, cfg: RouterWeights, cfg_key: tuple, tau0: float,
-              bonus: float) -> _Eval:
-    """One replica's score for this request; tau0 = estimate_tau(req, r, cfg)[0]. What does not change
-    between the three scores (with / without affinity, with / without exploration) is computed once: the
-    step times per batch, the best mode per tau, alpha per tau."""
-    cached = bool(req.session_id) and req.session_id in r.cached_sessions
-    prefix = min(req.prefix_tokens, req.prompt_tokens) if cached else 0
-    bsd = r.block_size_default
-    block_max = bsd if r.spec_available else 1
-    new_kv = (req.prompt_tokens - prefix) + req.max_tokens + block_max
-    eligible = r.kv_free_tokens >= new_kv * cfg.kv_safety
-    if r.vram_free_bytes is not None and r.vram_free_bytes < cfg.min_vram_free_bytes:
-        eligible = False
+def _evaluate(req: RouteRequest, replicas: list[RoutingStats], cfg: RouterWeights, taus: list[float],
+              bonuses: list[float], probe: bool = False) -> list[_Eval]:
+    """Each replica's score for this request; taus[i] = estimate_tau(req, replicas[i], cfg)[0], probe = the request
+    re-measures a steered-off session (``spec_probe_every``). One loop, the request's and the knobs' values read
+    once. Per replica, what does not change between the three scores (with / without affinity, with / without
+    exploration) is computed once: the replica's step model (memoised per report and batch), the best mode per
+    tau, alpha per tau. A tau up to the model's ``tau_ar`` is AR without solving alpha, with exploration
+    (tau0 + bonus) and then without it (tau0 <= tau0 + bonus) too."""
+    cfg_key = _step_cfg_key(cfg)
+    sid, prompt, max_tokens, prefix_req = req.session_id, req.prompt_tokens, req.max_tokens, req.prefix_tokens
+    steered = req.spec_requested is None and cfg.steer_spec and not probe  # the bound may settle AR
+    kv_safety, min_vram, p_default = cfg.kv_safety, cfg.min_vram_free_bytes, cfg.default_prefill_ms_per_token
+    watermark, pressure, affinity = cfg.kv_watermark, cfg.kv_pressure, cfg.affinity
+    out = []
+    for r, tau0, bonus in zip(replicas, taus, bonuses):
+        cached = bool(sid) and sid in r.cached_sessions
+        prefix = min(prefix_req, prompt) if cached else 0
+        bsd = r.block_size_default
+        spec_ok = r.spec_available
+        new_kv = (prompt - prefix) + max_tokens + (bsd if spec_ok else 1)
+        kv_free = r.kv_free_tokens
+        eligible = kv_free >= new_kv * kv_safety
+        if r.vram_free_bytes is not None and r.vram_free_bytes < min_vram:
+            eligible = False
 
-    batch = r.num_running + 1
-    blocks, t_ar, t_spec, t_ar_now, t_spec_now = _step_model(r, cfg, cfg_key)
+        m = _step_model(r, cfg, cfg_key)
+        alpha0 = None
+        tau_b = tau0 + bonus
+        if not spec_ok or (steered and tau_b <= m.tau_ar):
+            mode = mode0 = m.ar_mode
+        else:
+            mode, alpha_b = _best_mode(req, r, cfg, m, tau_b, probe)
+            if tau_b == tau0:
+                mode0, alpha0 = mode, alpha_b
+            elif steered and tau0 <= m.tau_ar:
+                mode0 = m.ar_mode
+            else:
+                mode0, alpha0 = _best_mode(req, r, cfg, m, tau0, probe)
 
-    taus0 = _Taus(tau0, bsd)
-    tau_b = tau0 + bonus
-    mode = _best_mode(req, r, cfg, taus0 if tau_b == tau0 else _Taus(tau_b, bsd), blocks, batch, t_ar, t_spec)
-    mode0 = mode if tau_b == tau0 else _best_mode(req, r, cfg, taus0, blocks, batch, t_ar, t_spec)
+        # the terms of the score that do not depend on the mode or the cached prefix
+        p_ms = r.prefill_ms_per_token
+        if p_ms is None:
+            p_ms = p_default
+        ahead = r.num_waiting + max(0, r.num_running + 1 - r.max_num_seqs)
+        kv_total = r.kv_total_tokens
+        kv_after = 1.0 - (kv_free - new_kv) / kv_total if kv_total > 0 else 1.0
+        damp = 1.0
+        if kv_after > watermark:
+            over = min(1.0, (kv_after - watermark) / (1.0 - watermark))
+            damp = 1.0 - pressure * over
 
-    # the terms of the score that do not depend on the mode or the cached prefix
-    p_ms = r.prefill_ms_per_token if r.prefill_ms_per_token is not None else cfg.default_prefill_ms_per_token
-    ahead = r.num_waiting + max(0, r.num_running + 1 - r.max_num_seqs)
-    kv_after = 1.0 - (r.kv_free_tokens - new_kv) / r.kv_total_tokens if r.kv_total_tokens > 0 else 1.0
-    damp = 1.0
-    if kv_after > cfg.kv_watermark:
-        over = min(1.0, (kv_after - cfg.kv_watermark) / (1.0 - cfg.kv_watermark))
-        damp = 1.0 - cfg.kv_pressure * over
+        queue_ms, decode_ms, loss = _mode_terms(r, cfg, m, mode, max_tokens, ahead)
+        prefill_ms = max(0.0, prompt - affinity * prefix) * p_ms
+        s = (max_tokens / (queue_ms + prefill_ms + decode_ms) * 1000.0 - loss) * damp
+        if prefix == 0:
+            s_no_aff = s
+        else:  # prefix 0 and 0.0 give the same floats
+            s_no_aff = (max_tokens / (queue_ms + max(0.0, prompt - affinity * 0.0) * p_ms + decode_ms) * 1000.0
+                        - loss) * damp
+        if mode0 is mode or mode0 == mode:
+            s_no_exp = s
+        else:
+            queue_ms, decode_ms, loss = _mode_terms(r, cfg, m, mode0, max_tokens, ahead)
+            s_no_exp = (max_tokens / (queue_ms + prefill_ms + decode_ms) * 1000.0 - loss) * damp
+        blk = mode[2]
+        if blk is None:
+            spec = SpecParams(enabled=False, block_size=bsd)
+            tau = mode[1]
+        else:
+            spec = SpecParams(enabled=True, block_size=blk)
+            # report the estimate, not the optimism: tau0 at the chosen block (as _Taus.at computes it)
+            if blk == bsd or bsd < 2:
+                tau = max(1.0, min(tau0, float(blk)))
+            else:
+                if alpha0 is None:
+                    alpha0 = alpha_from_tau(tau0, bsd)
+                tau = float(blk) if alpha0 >= 1.0 else (1.0 - alpha0**blk) / (1.0 - alpha0)
+        steered_off = spec_ok and blk is None and req.spec_requested is None
+        out.append(_Eval(r, eligible, s, s_no_aff, s_no_exp, tau, spec, steered_off, cached))
+    return out
 
-    ctx = (req, r, cfg, p_ms, ahead, damp, t_ar_now, t_spec_now)
-    s = _score(ctx, mode, prefix)
-    s_no_aff = s if prefix == 0 else _score(ctx, mode, 0.0)  # 0 and 0.0 give the same floats
-    s_no_exp = s if mode0 is mode else _score(ctx, mode0, prefix)
-    _, tau, blk = mode
-    if blk is None:
-        spec = SpecParams(enabled=False, block_size=bsd)
-    else:
-        spec = SpecParams(enabled=True, block_size=blk)
-        tau = taus0.at(blk)  # report the estimate, not the optimism
-    steered_off = r.spec_available and blk is None and req.spec_requested is None
-    return _Eval(r, eligible, s, s_no_aff, s_no_exp, tau, spec, steered_off, cached)
 
-
-def _score(ctx: tuple, mode: tuple[float, float, int | None], saved_prefix: float) -> float:
-    """Predicted goodput (tokens/s) of the request in this mode, less the slowdown it imposes, KV-damped."""
-    req, r, cfg, p_ms, ahead, damp, t_ar_now, t_spec_now = ctx
+def _mode_terms(r: RoutingStats, cfg: RouterWeights, m: _Model, mode: tuple[float, float, int | None],
+                max_tokens: int, ahead: int) -> tuple[float, float, float]:
+    """(weighted queueing ms, decode ms, weighted slowdown of the running requests in tokens/s) of a mode: the
+    score is (max_tokens / (queueing + prefill + decode) x 1000 - slowdown) x KV damping."""
     rate, tau, blk = mode
     t_step = tau / rate  # ms per target pass (rate = tau / t_step)
-    prefill_ms = max(0.0, req.prompt_tokens - cfg.affinity * saved_prefix) * p_ms
-    queue_ms = ahead * (req.max_tokens / rate) / max(r.max_num_seqs, 1)
-    total_ms = cfg.queue * queue_ms + prefill_ms + req.max_tokens / rate
-    own = req.max_tokens / total_ms * 1000.0  # tokens/s
+    decode_ms = max_tokens / rate
+    queue_ms = ahead * decode_ms / max(r.max_num_seqs, 1)
     # slowdown of the replica's running requests when this one joins the batch
-    t_now = t_spec_now.get(blk, t_ar_now) if blk else t_ar_now
+    t_now = m.t_spec_now.get(blk, m.t_ar_now) if blk else m.t_ar_now
     tau_others = r.tau_mean if (r.tau_mean and blk) else 1.0
     loss = r.num_running * tau_others * (1000.0 / t_now - 1000.0 / t_step) if t_step > t_now else 0.0
-    return (own - cfg.congestion * loss) * damp
+    return cfg.queue * queue_ms, decode_ms, cfg.congestion * loss
 
 
-def _best_mode(req: RouteRequest, r: RoutingStats, cfg: RouterWeights, taus: _Taus, blocks: list[int], batch: int,
-               t_ar: float, t_spec: dict[int, float]) -> tuple[float, float, int | None]:
-    """(rate tokens/ms, tau, block or None for AR) on this replica, for this tau curve."""
-    rate, tau, blk = 1.0 / t_ar, 1.0, None
-    if not r.spec_available:
-        return rate, tau, blk
+def _best_mode(req: RouteRequest, r: RoutingStats, cfg: RouterWeights, m: _Model, tau: float,
+               probe: bool) -> tuple[tuple[float, float, int | None], float | None]:
+    """((rate tokens/ms, tau, block or None for AR), alpha solved for tau or None) on this replica for this tau
+    (measured at the drafter's block): the block with the best tau(b) / t_spec(b), or AR where that does not beat
+    AR by ``spec_margin``; the client's explicit choice where it made one."""
+    ar = m.ar_mode
     req_spec = req.spec_requested
     bsd = r.block_size_default
     if req_spec is not None:  # the client decided; respect it (clamped to the drafter)
         if not req_spec.enabled:
-            return rate, tau, blk
+            return ar, None
         b = min(req_spec.block_size, bsd)
+        taus = _Taus(tau, bsd)
         tb = taus.at(b)
-        _, ts = step_times(r, cfg, batch, [b])
-        return tb / ts[b], tb, b
+        _, ts = step_times(r, cfg, r.num_running + 1, [b])
+        return (tb / ts[b], tb, b), taus.alpha
     best = None
-    for b in blocks:  # taus.at(b), inlined: this loop runs for every replica of every decision
+    alpha = None
+    for b, t, fb in m.spec:  # tau(b), as _Taus.at computes it
         if b == bsd or bsd < 2:
-            tb = max(1.0, min(taus.tau0, float(b)))
+            tb = max(1.0, min(tau, fb))
         else:
-            alpha = taus.alpha
             if alpha is None:
-                alpha = taus.alpha = alpha_from_tau(taus.tau0, bsd)
-            tb = float(b) if alpha >= 1.0 else (1.0 - alpha**b) / (1.0 - alpha)
-        cand = tb / t_spec[b]
+                alpha = alpha_from_tau(tau, bsd)
+            tb = fb if alpha >= 1.0 else (1.0 - alpha**b) / (1.0 - alpha)
+        cand = tb / t
         if best is None or cand > best[0]:
             best = (cand, tb, b)
-    probe = cfg.spec_probe_every > 0 and req.spec_off_turns >= cfg.spec_probe_every
-    if not cfg.steer_spec or probe or best[0] > rate * cfg.spec_margin:
-        return best
-    return rate, tau, blk
+    if not cfg.steer_spec or probe or best[0] > ar[0] * cfg.spec_margin:
+        return best, alpha
+    return ar, alpha
 
 
 # ------------------------------------------------------------------ ranking
@@ -462,13 +574,13 @@ def rank(req: RouteRequest, replicas: list[RoutingStats], cfg: RouterWeights | N
     cfg = cfg or RouterWeights()
     if not replicas:
         return []
-    est = [estimate_tau(req, r, cfg) for r in replicas]
-    bonuses = _bonuses(replicas, [n for _, n in est], cfg)
-    cfg_key = _step_cfg_key(cfg)
-    evals = [_evaluate(req, r, cfg, cfg_key, tau0, b) for r, (tau0, _), b in zip(replicas, est, bonuses)]
+    taus, ns = _estimates(req, replicas, cfg)
+    bonuses = _bonuses(replicas, ns, cfg)
+    probe = cfg.spec_probe_every > 0 and req.spec_off_turns >= cfg.spec_probe_every
+    evals = _evaluate(req, replicas, cfg, taus, bonuses, probe)
     ok = sorted((e for e in evals if e.eligible), key=lambda e: -e.score)
     excluded = [e for e in evals if not e.eligible]
-    probing = req.spec_requested is None and cfg.spec_probe_every > 0 and req.spec_off_turns >= cfg.spec_probe_every
+    probing = req.spec_requested is None and probe
     choices = []
     for i, e in enumerate(ok):
         reason = _reason(e, ok[1:], excluded) if i == 0 else "spill"

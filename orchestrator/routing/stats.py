@@ -249,6 +249,10 @@ class ReportedTaus(Mapping):
         v = self._raw.get(key)
         if v is None:
             return default
+        if type(v) is tuple and len(v) == 2:  # as to_dict writes it (and pickling keeps it): nothing to convert
+            t, n = v
+            if type(t) is float and type(n) is int and t - t == 0.0:  # t - t: nan for inf and nan
+                return v
         e = _tau_entry(v)
         return default if e is None else e
 
@@ -279,6 +283,7 @@ class ReportCache:
 
     def __init__(self) -> None:
         self._last: dict[str, tuple[dict, float, RoutingStats | None]] = {}
+        self._views: dict[str, tuple[RoutingStats, int, int, RoutingStats]] = {}  # id -> (report, n, kv, view)
 
     def parsed(self, replica_id: str, d: dict | None) -> RoutingStats | None:
         if not d:
@@ -299,10 +304,25 @@ class ReportCache:
         self._last[replica_id] = (d, at if isinstance(at, (int, float)) else 0.0, st)
         return st
 
+    def with_inflight(self, st: RoutingStats, n: int, kv_tokens: int) -> RoutingStats:
+        """``st.with_inflight(n, kv_tokens)`` for a report this cache parsed, the copy kept until the report or the
+        counts change: between two decisions most replicas' counts do not move, so their copies are reused (one
+        object per replica per change, not per decision). Shared like the report: read it, never change it."""
+        if n <= 0:
+            return st
+        hit = self._views.get(st.replica_id)
+        if hit is not None and hit[0] is st and hit[1] == n and hit[2] == kv_tokens:
+            return hit[3]
+        view = st.with_inflight(n, kv_tokens)
+        self._views[st.replica_id] = (st, n, kv_tokens, view)
+        return view
+
     def keep(self, replica_ids: set[str]) -> None:
         """Forget replicas that left (bounded memory)."""
         for rid in [r for r in self._last if r not in replica_ids]:
             del self._last[rid]
+        for rid in [r for r in self._views if r not in replica_ids]:
+            del self._views[rid]
 
     def __len__(self) -> int:
         return len(self._last)
