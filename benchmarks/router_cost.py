@@ -24,7 +24,8 @@ role-team pairs as the sessions have them, growing prompts with a cached prefix 
 
 Prints p50 / p99 / max per decision with the date, CPU and load average: wall time, and the CPU time of the
 deciding thread (``time.thread_time_ns``: what the decision itself costs, without the time a busy shared
-machine keeps the process waiting for a core). Uses only interfaces that predate
+machine keeps the process waiting for a core), the latter also split into the decisions that met a new report
+(the parse, the memo misses of that replica, tables gone cold: these make most of the p99) and the rest. Uses only interfaces that predate
 the decision-cost work, so the same file measures the code before it (docs/routing.md, "Decision cost").
 """
 from __future__ import annotations
@@ -192,6 +193,7 @@ def main() -> None:
     due = {int(i * every / a.replicas): i for i in range(a.replicas)}
     inflight: deque = deque()
     decide_ns, decide_cpu_ns, book_ns, with_report = [], [], [], 0
+    cpu_new_report, cpu_no_report = [], []  # thread CPU of the decisions that met a new report, and of the rest
     for k, hints in enumerate(reqs):
         i = due.get(k % every)
         if i is not None:  # replica i reports; Serve hands over new dicts for the whole replica set
@@ -214,6 +216,7 @@ def main() -> None:
             decide_cpu_ns.append(c1 - c0)
             book_ns.append(t2 - t1)
             with_report += i is not None
+            (cpu_new_report if i is not None else cpu_no_report).append(c1 - c0)
 
     # (b) rank alone on reports parsed once
     cfg = RouterWeights()
@@ -243,6 +246,8 @@ def main() -> None:
         "report_bytes_json": len(json.dumps(fleet.reports[0])),
         "router_decision": pcts(decide_ns), "router_decision_cpu": pcts(decide_cpu_ns),
         "router_bookkeeping": pcts(book_ns), "decisions_with_a_new_report": with_report,
+        "router_decision_cpu_new_report": pcts(cpu_new_report) if cpu_new_report else None,
+        "router_decision_cpu_no_report": pcts(cpu_no_report) if cpu_no_report else None,
         "rank_only": pcts(rank_ns), "rank_only_cpu": pcts(rank_cpu_ns), "from_dict_one_report": pcts(parse_ns),
     }
     print(f"router_cost  {res['date']}  {res['cpu']} ({res['cores']} cores)  python {res['python']}")
@@ -252,9 +257,13 @@ def main() -> None:
           f"({with_report} of them saw a new report: {a.replicas} reports per {a.stats_period:g} s at {a.rate:g}/s)")
     print(f"{'':28s}{'p50 ms':>10s}{'p99 ms':>10s}{'max ms':>10s}{'mean ms':>10s}")
     for name, key in (("(a) router decision, wall", "router_decision"), ("    same, thread CPU", "router_decision_cpu"),
+                      ("    CPU, met a new report", "router_decision_cpu_new_report"),
+                      ("    CPU, the others", "router_decision_cpu_no_report"),
                       ("    bookkeeping, wall", "router_bookkeeping"), ("(b) score.rank alone, wall", "rank_only"),
                       ("    same, thread CPU", "rank_only_cpu"), ("(c) from_dict, one report", "from_dict_one_report")):
         r = res[key]
+        if r is None:
+            continue
         print(f"{name:28s}{r['p50_ms']:10.3f}{r['p99_ms']:10.3f}{r['max_ms']:10.3f}{r['mean_ms']:10.3f}")
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -434,7 +434,9 @@ def _evaluate(req: RouteRequest, replicas: list[RoutingStats], cfg: RouterWeight
     once. Per replica, what does not change between the three scores (with / without affinity, with / without
     exploration) is computed once: the replica's step model (memoised per report and batch), the best mode per
     tau, alpha per tau. A tau up to the model's ``tau_ar`` is AR without solving alpha, with exploration
-    (tau0 + bonus) and then without it (tau0 <= tau0 + bonus) too."""
+    (tau0 + bonus) and then without it (tau0 <= tau0 + bonus) too; and AR with exploration is AR without it: the
+    best speculative rate never falls as tau grows, in floats too (alpha is the bisection's cell, monotone in
+    tau, and cells 2^-40 apart move alpha^b far more than pow's rounding; tests/cpu/test_rank_fast_paths.py)."""
     cfg_key = _step_cfg_key(cfg)
     sid, prompt, max_tokens, prefix_req = req.session_id, req.prompt_tokens, req.max_tokens, req.prefix_tokens
     steered = req.spec_requested is None and cfg.steer_spec and not probe  # the bound may settle AR
@@ -461,8 +463,8 @@ def _evaluate(req: RouteRequest, replicas: list[RoutingStats], cfg: RouterWeight
             mode, alpha_b = _best_mode(req, r, cfg, m, tau_b, probe)
             if tau_b == tau0:
                 mode0, alpha0 = mode, alpha_b
-            elif steered and tau0 <= m.tau_ar:
-                mode0 = m.ar_mode
+            elif steered and (mode is m.ar_mode or tau0 <= m.tau_ar):
+                mode0 = m.ar_mode  # AR at tau0 + bonus: AR at tau0 (the best rate never falls with tau)
             else:
                 mode0, alpha0 = _best_mode(req, r, cfg, m, tau0, probe)
 

@@ -73,3 +73,21 @@ def test_a_tau_below_one_still_speculates_where_a_speculative_step_is_cheaper(ta
     best = rank(RouteRequest(), [r], cfg)[0]
     assert best.spec.enabled and best.spec.block_size == 16
     assert rank(RouteRequest(), [r], cfg) == _full((RouteRequest(), [r], cfg), monkeypatch)
+
+
+def test_the_best_speculative_rate_never_falls_as_tau_grows():
+    """What lets rank() take AR at tau0 from AR at tau0 + bonus without a second comparison: on random step models,
+    at every pair of taus (also a few ulps and a grid cell apart), the best rate over the blocks is monotone."""
+    rng = random.Random(11)
+    cfg = RouterWeights(steer_spec=False)  # _best_mode then returns the best block whatever AR does
+    key = score._step_cfg_key(cfg)
+    req = RouteRequest()
+    for _ in range(300):
+        r = _fleet(rng)[0]
+        m = score._step_model(r, cfg, key)
+        taus = sorted(rng.uniform(0.8, r.block_size_default + 0.5) for _ in range(30))
+        t = rng.uniform(1.0, r.block_size_default)
+        taus += [t, math.nextafter(t, 99.0), t + 1e-12, t + 2e-12]
+        taus.sort()
+        rates = [score._best_mode(req, r, cfg, m, tau, False)[0][0] for tau in taus]
+        assert all(a <= b for a, b in zip(rates, rates[1:])), (taus, rates)
