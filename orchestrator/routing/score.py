@@ -24,6 +24,7 @@ the same floats); alpha is Newton's root certified to be the bisection's result.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -130,14 +131,28 @@ def alpha_from_tau(tau: float, b: int) -> float:
     key = (tau, b)
     alpha = _ALPHA_MEMO.get(key)
     if alpha is None:
-        if len(_ALPHA_MEMO) >= _MEMO_SIZE:
-            _ALPHA_MEMO.clear()
-        alpha = _ALPHA_MEMO[key] = _solve_alpha(tau, b)
+        alpha = _ALPHA_MEMO.put(key, _solve_alpha(tau, b))
     return alpha
 
 
-_MEMO_SIZE = 8192  # entries per memo below (pure functions of their keys; cleared when full)
-_ALPHA_MEMO: dict[tuple[float, int], float] = {}  # a tau repeats across decisions where no session or team
+class _Memo(OrderedDict):
+    """A memo of a pure function (the same key, the same value) holding at most ``size`` entries: past that, the
+    oldest entry is dropped, one per new entry. Clearing a full memo at once paused the decision that filled it
+    (~0.2 ms for 8,192 alphas, every ~130 decisions at 64 replicas: the p99)."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def put(self, key, value):
+        self[key] = value
+        if len(self) > self.size:
+            self.popitem(last=False)
+        return value
+
+
+_MEMO_SIZE = 8192  # entries per memo below
+_ALPHA_MEMO: _Memo = _Memo(_MEMO_SIZE)  # a tau repeats across decisions where no session or team
 #                                                  entry makes it specific (a role's, the replica mean)
 
 
@@ -367,7 +382,7 @@ class _Model:
 _SAFE = 1.0 + 1e-4
 
 
-_STEP_MEMO: dict[tuple, _Model] = {}
+_STEP_MEMO: _Memo = _Memo(_MEMO_SIZE)  # key -> _Model
 
 
 def _step_cfg_key(cfg: RouterWeights) -> tuple:
@@ -388,9 +403,7 @@ def _step_model(r: RoutingStats, cfg: RouterWeights, cfg_key: tuple) -> _Model:
         blocks = _blocks(r, cfg)
         t_ar, t_spec = step_times(r, cfg, batch, blocks)
         t_ar_now, t_spec_now = (t_ar, t_spec) if batch_now == batch else step_times(r, cfg, batch_now, blocks)
-        if len(_STEP_MEMO) >= _MEMO_SIZE:
-            _STEP_MEMO.clear()
-        out = _STEP_MEMO[key] = _Model(blocks, t_ar, t_spec, t_ar_now, t_spec_now, cfg.spec_margin)
+        out = _STEP_MEMO.put(key, _Model(blocks, t_ar, t_spec, t_ar_now, t_spec_now, cfg.spec_margin))
     return out
 
 
