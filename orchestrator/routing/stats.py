@@ -289,31 +289,36 @@ class ReportedTaus(Mapping):
 
 class ReportCache:
     """replica id -> its latest report, parsed once (``RoutingStats.from_report``). A report is the same
-    when it is the same dict object, or carries the same ``updated_at`` (> 0): Serve hands the router new
-    dict objects for every replica whenever any replica reports. A report that does not parse gives None
-    (also cached), as does ``{}``."""
+    when it carries the same ``updated_at`` (> 0), or, without one, is the same dict object: Serve hands the
+    router new dict objects for every replica whenever any replica reports. A report that does not parse gives
+    None (also cached), as does ``{}``."""
 
     def __init__(self) -> None:
         self._last: dict[str, tuple[dict, float, RoutingStats | None]] = {}
         self._views: dict[str, tuple[RoutingStats, int, int, RoutingStats]] = {}  # id -> (report, n, kv, view)
+        self._costs: dict[str, tuple[dict, StepCostTable]] = {}  # id -> its last reported step costs, parsed
 
     def parsed(self, replica_id: str, d: dict | None) -> RoutingStats | None:
         if not d:
             return None
         hit = self._last.get(replica_id)
-        if hit is not None:
-            if hit[0] is d:
-                return hit[2]
-            at = d.get("updated_at")
-            if hit[1] and at == hit[1]:
-                self._last[replica_id] = (d, hit[1], hit[2])
-                return hit[2]
+        at = d.get("updated_at")
+        if hit is not None and ((hit[1] and at == hit[1]) or hit[0] is d):
+            return hit[2]
+        raw_costs = d.get("step_costs")
+        known = self._costs.get(replica_id)
+        if known is not None and raw_costs == known[0]:  # the calibration is the same in every report
+            raw_costs = known[1]
         try:
-            st = RoutingStats.from_report({**d, "replica_id": replica_id})
+            st = RoutingStats.from_report({**d, "replica_id": replica_id, "step_costs": raw_costs})
         except (TypeError, ValueError):
             st = None
-        at = d.get("updated_at")
-        self._last[replica_id] = (d, at if isinstance(at, (int, float)) else 0.0, st)
+        if st is not None and st.step_costs is not None and raw_costs is not st.step_costs:
+            self._costs[replica_id] = (raw_costs, st.step_costs)
+        at = at if isinstance(at, (int, float)) and at else 0.0
+        # a report with a time is known by it: the dict is not kept (Serve's next broadcast replaces it, and the
+        # old one is then freed where Serve drops it, not in a decision here); one without, by the dict itself
+        self._last[replica_id] = (None if at else d, at, st)
         return st
 
     def with_inflight(self, st: RoutingStats, n: int, kv_tokens: int) -> RoutingStats:
@@ -335,6 +340,8 @@ class ReportCache:
             del self._last[rid]
         for rid in [r for r in self._views if r not in replica_ids]:
             del self._views[rid]
+        for rid in [r for r in self._costs if r not in replica_ids]:
+            del self._costs[rid]
 
     def __len__(self) -> int:
         return len(self._last)
