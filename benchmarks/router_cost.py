@@ -20,7 +20,9 @@ role-team pairs as the sessions have them, growing prompts with a cached prefix 
     for every replica (Serve's long poll sends the whole replica set). ``on_request_routed`` /
     ``on_request_completed`` run too (``--inflight`` requests in flight), timed apart as "bookkeeping".
 (b) rank: ``score.rank()`` alone on the same reports parsed once (``RoutingStats.from_dict``), same requests.
-(c) parse: ``RoutingStats.from_dict`` of one report (what a router pays when it parses a report).
+(c) parse: ``RoutingStats.from_dict`` of one report (the full parse, checked entry by entry).
+(d) the router's parse: ``RoutingStats.from_report`` of one report (long tau tables read in place; where the tree
+    has it).
 
 Prints p50 / p99 / max per decision with the date, CPU and load average: wall time, and the CPU time of the
 deciding thread (``time.thread_time_ns``: what the decision itself costs, without the time a busy shared
@@ -238,6 +240,13 @@ def main() -> None:
         t0 = time.perf_counter_ns()
         RoutingStats.from_dict(d)
         parse_ns.append(time.perf_counter_ns() - t0)
+    report_ns = []  # (d) the router's parse (from_report: long tau tables read in place); absent in older trees
+    from_report = getattr(RoutingStats, "from_report", None)
+    for j in range(a.parse_reps if from_report is not None else 0):
+        d = {**fleet.reports[j % a.replicas], "replica_id": "x"}
+        t0 = time.perf_counter_ns()
+        from_report(d)
+        report_ns.append(time.perf_counter_ns() - t0)
 
     res = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_name(),
@@ -249,6 +258,7 @@ def main() -> None:
         "router_decision_cpu_new_report": pcts(cpu_new_report) if cpu_new_report else None,
         "router_decision_cpu_no_report": pcts(cpu_no_report) if cpu_no_report else None,
         "rank_only": pcts(rank_ns), "rank_only_cpu": pcts(rank_cpu_ns), "from_dict_one_report": pcts(parse_ns),
+        "from_report_one_report": pcts(report_ns) if report_ns else None,
     }
     print(f"router_cost  {res['date']}  {res['cpu']} ({res['cores']} cores)  python {res['python']}")
     print(f"load average {' '.join(load_start)} -> {' '.join(res['loadavg_end'])}")
@@ -260,7 +270,8 @@ def main() -> None:
                       ("    CPU, met a new report", "router_decision_cpu_new_report"),
                       ("    CPU, the others", "router_decision_cpu_no_report"),
                       ("    bookkeeping, wall", "router_bookkeeping"), ("(b) score.rank alone, wall", "rank_only"),
-                      ("    same, thread CPU", "rank_only_cpu"), ("(c) from_dict, one report", "from_dict_one_report")):
+                      ("    same, thread CPU", "rank_only_cpu"), ("(c) from_dict, one report", "from_dict_one_report"),
+                      ("(d) from_report, one report", "from_report_one_report")):
         r = res[key]
         if r is None:
             continue
