@@ -28,6 +28,7 @@ from orchestrator.routing.baselines import hash_order
 from orchestrator.routing.score import RouteRequest, RouterWeights, rank
 from orchestrator.routing.stats import RoutingStats
 from orchestrator.routing.step_costs import StepCostTable
+from workers.engine.acceptance import AcceptEntry, observe, tau_at_ref
 from workers.engine.calibrate import DEFAULT_BATCHES, DEFAULT_BLOCKS, StepCosts
 from workers.engine.params import SpecParams
 
@@ -91,8 +92,10 @@ class _Replica:
         self.running: list[Req] = []
         self.waiting: deque[Req] = deque()
         self.busy_until: float | None = None
-        self.tau: dict[str, dict[str, tuple[float, int]]] = {"session": {}, "role": {}, "team": {}}
-        self.tau_mean: float | None = None
+        # acceptance as per-position counts per session / role / team, reported at the drafter's block (as the
+        # engine does: workers/engine/acceptance.py), whatever block each pass ran at
+        self.accept: dict[str, dict[str, AcceptEntry]] = {"session": {}, "role": {}, "team": {}}
+        self.accept_all: AcceptEntry | None = None
         self.step_ms_ar: float | None = None
         self.step_ms_by_block: dict[int, float] = {}
         self.snapshot: RoutingStats | None = None
@@ -111,18 +114,22 @@ class _Replica:
             num_waiting=len(self.waiting), max_num_seqs=self.s.max_num_seqs,
             step_ms_ar=self.step_ms_ar, step_ms_by_block=dict(self.step_ms_by_block),
             step_batch=len(self.running), step_costs=self.step_costs,
-            tau_by_session=dict(self.tau["session"]), tau_by_role=dict(self.tau["role"]),
-            tau_by_team=dict(self.tau["team"]), tau_mean=self.tau_mean,
+            tau_by_session=self.taus("session"), tau_by_role=self.taus("role"), tau_by_team=self.taus("team"),
+            tau_mean=tau_at_ref(self.accept_all, self.s.block_size) if self.accept_all else None,
             block_size_default=self.s.block_size, spec_available=self.s.spec_available,
             prefill_ms_per_token=self.s.step.prefill_s(1000) if hasattr(self.s.step, "prefill_s") else None,
             updated_at=now,
         )
 
-    def record_tau(self, r: Req, tau: float) -> None:
-        self.tau_mean = tau if self.tau_mean is None else (1 - EWMA) * self.tau_mean + EWMA * tau
+    def taus(self, key: str) -> dict[str, tuple[float, int]]:
+        """{value: (tau at the drafter's block, passes)} of one tag key."""
+        return {v: (tau_at_ref(e, self.s.block_size), e[2]) for v, e in self.accept[key].items()}
+
+    def record_pass(self, r: Req, proposed: int, accepted: int) -> None:
+        """One speculative pass of ``r``: ``proposed`` drafts, the first ``accepted`` of them accepted."""
+        self.accept_all = observe(self.accept_all, proposed, accepted, EWMA)
         for key, val in (("session", r.session), ("role", r.role), ("team", r.team)):
-            old, n = self.tau[key].get(val, (None, 0))
-            self.tau[key][val] = (tau if old is None else (1 - EWMA) * old + EWMA * tau, n + 1)
+            self.accept[key][val] = observe(self.accept[key].get(val), proposed, accepted, EWMA)
 
 
 @dataclass
@@ -259,7 +266,7 @@ class Simulator:
             if x.spec.enabled:
                 while k < x.spec.block_size - 1 and self.rng.random() < alpha:
                     k += 1
-                rep.record_tau(x, 1.0 + k)
+                rep.record_pass(x, x.spec.block_size - 1, k)
                 x.spec_passes += 1
                 x.spec_tokens += 1 + k
             x.generated += 1 + k
@@ -334,7 +341,7 @@ class Simulator:
                 self._start_sessions(now)
         taus: dict[str, dict[str, float]] = {}
         for rep in self.reps:
-            taus[rep.s.name] = {k: v[0] for k, v in rep.tau["role"].items()}
+            taus[rep.s.name] = {k: v[0] for k, v in rep.taus("role").items()}
         return SimResult(self.router, self.done, now, {r.s.name: r.kv_trace for r in self.reps}, taus)
 
 

@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from orchestrator.config import MockProfile
+from workers.engine.acceptance import AcceptEntry, observe, tau_at_ref
 from workers.engine.calibrate import DEFAULT_BATCHES, DEFAULT_BLOCKS, StepCosts
 from workers.engine.params import (
     EngineError,
@@ -97,8 +98,8 @@ class MockEngine:
         self._requests: dict[str, _Request] = {}
         self._kv_used = 0
         self._waiting = 0
-        self._tau: dict[str, dict[str, tuple[float, int]]] = {}
-        self._tau_mean: float | None = None
+        self._tau: dict[str, dict[str, AcceptEntry]] = {}
+        self._accept_all: AcceptEntry | None = None
         self._step_ms: dict[int, float] = {}
         self._step_ms_ar: float | None = None
         self._accept_pos = [0.0] * (block_size - 1)
@@ -244,13 +245,13 @@ class MockEngine:
             self._step_ms_ar = _ewma(self._step_ms_ar, step_ms)
             return
         self._step_ms[block] = _ewma(self._step_ms.get(block), step_ms)
-        tau = float(1 + k)
-        self._tau_mean = _ewma(self._tau_mean, tau)
+        # acceptance as per-position counts, whatever block this pass ran at; reported at block_size (stats())
+        self._accept_all = observe(self._accept_all, block - 1, k, _EWMA)
         for key in ("session", "role", "team"):
             value = req.tags.get(key)
             if value:
-                old, n = self._tau.setdefault(key, {}).get(value, (None, 0))
-                self._tau[key][value] = (_ewma(old, tau), n + 1)
+                table = self._tau.setdefault(key, {})
+                table[value] = observe(table.get(value), block - 1, k, _EWMA)
         self._accept_n += 1
         for i in range(len(self._accept_pos)):
             hit = 1.0 if i < k else 0.0
@@ -270,8 +271,10 @@ class MockEngine:
             num_waiting=self._waiting,
             step_ms_ar=self._step_ms_ar if self._step_ms_ar is not None else self.profile.step_ms,
             step_ms_by_block=dict(self._step_ms),
-            tau_by_tag={k: dict(v) for k, v in self._tau.items()},
-            tau_mean=self._tau_mean,
+            tau_by_tag={k: {v: (tau_at_ref(e, self.block_size), e[2]) for v, e in t.items()}
+                        for k, t in self._tau.items()},
+            tau_mean=tau_at_ref(self._accept_all, self.block_size) if self._accept_all else None,
+            tau_block=self.block_size,
             accept_by_position=list(self._accept_pos) if self._accept_n else [],
             tokens_generated=self._tokens,
             target_passes=self._passes,

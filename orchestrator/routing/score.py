@@ -9,8 +9,8 @@ the request's expected goodput in tokens/s on that replica:
 
 tau_hat: the session's measured acceptance on that replica, shrunk towards its role prior, team prior and
 the replica mean (each worth ``prior_strength`` steps), plus a UCB exploration bonus for few samples.
-Acceptance is modelled as i.i.d. per position (alpha) so a tau measured at the drafter's block size
-predicts tau at a smaller block; speculation is steered per request: the block maximising
+Acceptance is modelled as i.i.d. per position (alpha) so a tau reported at the drafter's block size
+(workers/engine/acceptance.py: from every pass, whatever its block) predicts tau at a smaller block; speculation is steered per request: the block maximising
 tau(B)/t_spec(B) is used when it beats 1/t_ar by ``spec_margin``, else ``SpecParams(enabled=False)``.
 Replicas whose free KV < (uncached prompt + max_tokens + block) x kv_safety are excluded.
 Step times (``step_times``): the replica's measured step-cost table (start-up calibration, step_costs.py),

@@ -16,7 +16,9 @@ from typing import Any
 
 from orchestrator.routing.step_costs import StepCostTable
 
-TauTable = dict[str, tuple[float, int]]  # key -> (tau EWMA, number of speculative steps behind it)
+# key -> (tau at block_size_default, number of speculative steps behind it); the engine reports tau there whatever
+# block each step ran at (per-position acceptance counts: workers/engine/acceptance.py)
+TauTable = dict[str, tuple[float, int]]
 TAU_TABLES = ("tau_by_session", "tau_by_role", "tau_by_team", "tau_by_constraint", "tau_by_constrained_session")
 
 
@@ -48,7 +50,7 @@ class RoutingStats:
     tau_mean: float | None = None
     # sessions whose KV prefix is resident (a set for O(1) lookups; any iterable is accepted and frozen)
     cached_sessions: frozenset[str] = field(default_factory=frozenset)
-    block_size_default: int = 16  # block at which tau_* were measured (the drafter's block)
+    block_size_default: int = 16  # block at which tau_* are given (the drafter's block, the engine's tau_block)
     spec_available: bool = True  # False: this replica has no drafter (AR only)
     # optional step-cost model t(batch, tokens/seq) = base + per_token * batch * tokens/seq (ms);
     # filled by replicas/simulators that fit it, else the scorer scales the measured EWMAs

@@ -39,8 +39,9 @@ def test_single_request_matches_hand_computation():
     # alpha = 0 under the specfleet router: speculation is a loss, so it is steered off (AR steps)
     rep0 = ReplicaSpecSim("r", STEP, 10000, alpha_default=0.0)
     sim = Simulator([rep0], "specfleet")
-    sim.reps[0].tau = {"session": {}, "role": {"coder": (1.0, 500)}, "team": {}}
-    sim.reps[0].tau_mean = 1.0
+    # 500 passes, each its first draft rejected (accepted, rejected positions per pass: 0, 1): tau 1 at any block
+    sim.reps[0].accept = {"session": {}, "role": {"coder": (0.0, 1.0, 500)}, "team": {}}
+    sim.reps[0].accept_all = (0.0, 1.0, 500)
     (r0,) = sim.run(_one_session()).requests
     assert not r0.spec.enabled
     assert r0.t_done - r0.t_arrive == pytest.approx(STEP.prefill_s(100) + 32 * STEP.ar_s(1))

@@ -82,7 +82,7 @@ class LLMEngine:
         self.pool = KVPool(num_blocks, bs, target_layers, draft_layers, self.dtype, self.device)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens,
                                    draft_slack=bs if self.proposer is not None else 0)
-        self.tracker = StatsTracker(max_block=max(self.max_block, 2))
+        self.tracker = self._new_tracker()
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.set_runner(ModelRunner(model, drafter, self.pool, bs, self.device))
         if cfg.cuda_graphs:
@@ -106,7 +106,7 @@ class LLMEngine:
         from workers.engine.calibrate import measure_step_costs
 
         self.step_costs = measure_step_costs(self).to_dict()
-        self.tracker = StatsTracker(max_block=max(self.max_block, 2))  # calibration steps are not traffic
+        self.tracker = self._new_tracker()  # calibration steps are not traffic
         return self.step_costs
 
     @property
@@ -128,6 +128,10 @@ class LLMEngine:
         self.set_runner(graph_runner_over(self.runner, self.blocks, self.config.max_num_seqs, self.max_model_len,
                                           mode=mode, fuse=fuse, compile=compile, warmup=warmup))
         return self.runner
+
+    def _new_tracker(self) -> StatsTracker:
+        """Acceptance reported at the default block (what the replica calls block_size_default)."""
+        return StatsTracker(max_block=max(self.max_block, 2), ref_block=self.default_spec().block_size)
 
     # ---- requests ----
     def default_spec(self) -> SpecParams:

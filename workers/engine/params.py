@@ -122,9 +122,11 @@ class EngineStats:
     num_waiting: int = 0
     step_ms_ar: float | None = None  # EWMA of one AR decode step
     step_ms_by_block: dict[int, float] = field(default_factory=dict)  # EWMA of a speculative step
-    # per tag key ("session", "role", "team") -> {value: (tau_ewma, n_steps)}
+    # per tag key ("session", "role", "team") -> {value: (tau, n_steps)}: tau at ``tau_block`` from the per-position
+    # acceptance of every pass, whatever block it ran at (workers/engine/acceptance.py)
     tau_by_tag: dict[str, dict[str, tuple[float, int]]] = field(default_factory=dict)
-    tau_mean: float | None = None
+    tau_mean: float | None = None  # all passes, at tau_block too
+    tau_block: int | None = None  # the block the taus above are given at (the engine's default); None = not said
     accept_by_position: list[float] = field(default_factory=list)  # P(position k accepted)
     tokens_generated: int = 0
     target_passes: int = 0

@@ -1,21 +1,29 @@
-"""Acceptance and timing statistics: per step, per request, per tag (session / role / team) -> EngineStats."""
+"""Acceptance and timing statistics: per step, per request, per tag (session / role / team) -> EngineStats.
+
+Acceptance per tag is kept as per-position counts (workers/engine/acceptance.py), whatever block each pass ran at
+(the router steers blocks per request; max_tokens cuts blocks short), and reported as tau at the reference block
+(``ref_block``: the engine's default block, which the replica reports as ``block_size_default``)."""
 from __future__ import annotations
 
 from collections import OrderedDict
 
+from workers.engine.acceptance import AcceptEntry, alpha_of, observe, tau_at_ref, tau_from_alpha
 from workers.engine.params import EngineStats
 
 MAX_TAG_VALUES = 10_000  # per tag key; the least recently updated values are dropped beyond this
 
 
 class StatsTracker:
-    def __init__(self, alpha: float = 0.1, max_block: int = 16):
+    def __init__(self, alpha: float = 0.1, max_block: int = 16, ref_block: int | None = None):
         self.alpha = alpha
+        self.ref_block = max(2, int(ref_block if ref_block is not None else max_block))
         self.step_ms_ar: float | None = None
         self.step_ms_by_block: dict[int, float] = {}
-        self.tau_by_tag: dict[str, OrderedDict[str, tuple[float, int]]] = {}
+        self.accept_by_tag: dict[str, OrderedDict[str, AcceptEntry]] = {}
         self.spec_passes = 0
         self.spec_tokens = 0
+        self.spec_hits = 0  # accepted draft positions, all passes (block-independent: acceptance.py)
+        self.spec_misses = 0  # rejected draft positions, all passes
         self.hits = [0] * max(1, max_block - 1)
         self.tries = [0] * max(1, max_block - 1)
         self.tokens_generated = 0
@@ -41,16 +49,23 @@ class StatsTracker:
         committed = accepted + 1
         self.spec_passes += 1
         self.spec_tokens += committed
+        self.spec_hits += accepted
+        self.spec_misses += 1 if accepted < proposed else 0
         for j in range(min(proposed, len(self.tries))):
             self.tries[j] += 1
             if j < accepted:
                 self.hits[j] += 1
         for key, value in tags.items():
-            table = self.tau_by_tag.setdefault(str(key), OrderedDict())
+            table = self.accept_by_tag.setdefault(str(key), OrderedDict())
             old = table.pop(str(value), None)
-            table[str(value)] = (self._ewma(old[0] if old else None, committed), (old[1] if old else 0) + 1)
+            table[str(value)] = observe(old, proposed, accepted, self.alpha)
             if len(table) > MAX_TAG_VALUES:
                 table.popitem(last=False)
+
+    def tau_by_tag(self) -> dict[str, dict[str, tuple[float, int]]]:
+        """{tag key: {value: (tau at ref_block, passes)}}."""
+        ref = self.ref_block
+        return {k: {v: (tau_at_ref(e, ref), e[2]) for v, e in t.items()} for k, t in self.accept_by_tag.items()}
 
     def snapshot(self, kv_free_tokens: int, kv_total_tokens: int, num_running: int, num_waiting: int) -> EngineStats:
         return EngineStats(
@@ -60,8 +75,10 @@ class StatsTracker:
             num_waiting=num_waiting,
             step_ms_ar=self.step_ms_ar,
             step_ms_by_block=dict(self.step_ms_by_block),
-            tau_by_tag={k: dict(v) for k, v in self.tau_by_tag.items()},
-            tau_mean=self.spec_tokens / self.spec_passes if self.spec_passes else None,
+            tau_by_tag=self.tau_by_tag(),
+            tau_mean=(tau_from_alpha(alpha_of(self.spec_hits, self.spec_misses), self.ref_block)
+                      if self.spec_passes else None),
+            tau_block=self.ref_block,
             accept_by_position=[h / t for h, t in zip(self.hits, self.tries) if t],
             tokens_generated=self.tokens_generated,
             target_passes=self.target_passes,
