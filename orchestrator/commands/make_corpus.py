@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _term)
+    signal.signal(signal.SIGINT, _term)  # also when started with `&`/nohup, where the shell leaves SIGINT ignored
     gc = GenerationConfig(max_new_tokens=args.max_new_tokens, batch=args.batch, max_model_len=args.max_model_len,
                           dtype=args.dtype, device=args.device, drafter=args.drafter, flush_every=args.flush_every,
                           max_turns=args.max_turns)

@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _term)
+    signal.signal(signal.SIGINT, _term)  # also when started with `&`/nohup, where the shell leaves SIGINT ignored
     tc = TrainConfig(minutes=args.minutes, max_steps=args.max_steps, seqs_per_step=args.seqs_per_step,
                      anchors_per_seq=args.anchors_per_seq, lr=args.lr, warmup=args.warmup, gamma=args.gamma,
                      loss_vocab=args.loss_vocab, draft_vocab_size=args.draft_vocab_size, n_negatives=args.negatives, row_sampling=args.row_sampling,

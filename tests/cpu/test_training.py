@@ -403,8 +403,10 @@ def test_commands_make_corpus_and_train_drafter(tmp_path):
 
 
 @pytest.mark.slow  # two subprocesses importing torch: ~20 s on a quiet 2-core box
-def test_killed_training_resumes_where_it_stopped(tiny_corpus, tmp_path):
-    """SIGTERM mid-run: the checkpoint holds every finished step; the rerun continues from it."""
+@pytest.mark.parametrize("how", ["sigterm", "sigint_in_background"])
+def test_killed_training_resumes_where_it_stopped(tiny_corpus, tmp_path, how):
+    """SIGTERM mid-run, or `kill -INT` of a run started in the background (where the shell leaves SIGINT ignored):
+    the checkpoint holds every finished step; the rerun continues from it."""
     import os
     import signal
     import time
@@ -416,12 +418,13 @@ def test_killed_training_resumes_where_it_stopped(tiny_corpus, tmp_path):
            "--block-size", "4", "--num-features", "2", "--seqs-per-step", "2", "--anchors-per-seq", "4",
            "--mask-token-id", "3", "--eval-per-category", "1", "--threads", "1"]
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    ignore_int = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if how == "sigint_in_background" else None
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=ignore_int)
     log = work / "train_log.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (log.exists() and log.read_text().count('"grad_norm"') >= 5):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err.decode()[-2000:]
     ck = torch.load(work / "checkpoint.pt", weights_only=False)
