@@ -23,13 +23,14 @@ the same floats); alpha is Newton's root certified to be the bisection's result.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from orchestrator.routing.stats import RoutingStats
+from orchestrator.routing.stats import ReportedTaus, RoutingStats
 from orchestrator.routing.step_costs import StepCostTable
 from workers.engine.params import SpecParams
 
@@ -158,8 +159,33 @@ _ALPHA_MEMO: _Memo = _Memo(_MEMO_SIZE)  # a tau repeats across decisions where n
 
 def _solve_alpha(tau: float, b: int) -> float:
     if b <= 64:
-        a = _newton_alpha(tau, b)
-        if a is not None:
+        # the cubic-Hermite start itself (within one 2^-40 cell of the root ~96 % of the time), certified; else one
+        # Newton step from it, certified; else Newton to convergence, certified; else the bisection. Every path
+        # returns the bisection's float (the certificate names its cell): the start only changes which path runs.
+        grid = _STARTS.get(b) or _start_grid(b)
+        slopes = _SLOPES[b]
+        x = (tau - 1.0) * (_START_N / (b - 1))
+        i = min(int(x), _START_N - 1)
+        u = x - i
+        h = (b - 1) / _START_N
+        u2 = u * u
+        u3 = u2 * u
+        a = ((2.0 * u3 - 3.0 * u2 + 1.0) * grid[i] + (u3 - 2.0 * u2 + u) * h * slopes[i]
+             + (3.0 * u2 - 2.0 * u3) * grid[i + 1] + (u3 - u2) * h * slopes[i + 1])
+        for attempt in (0, 1, 2):
+            if attempt == 1 and 0.0 <= a < 1.0:  # one Newton step from the Hermite start
+                ab1 = a ** (b - 1)
+                s = (1.0 - ab1 * a) / (1.0 - a)
+                ds = (s - b * ab1) / (1.0 - a)
+                if ds <= 0.0:
+                    continue
+                a -= (s - tau) / ds
+            elif attempt == 2:  # Newton to convergence from the linear start
+                a = _newton_alpha(tau, b)
+                if a is None:
+                    break
+            if not 0.0 <= a < 1.0:
+                continue
             j = int(a / _GRID)
             for k in (j, j - 1, j + 1):  # _geo inlined: the bisection's own expression at the cell's ends
                 lo, hi = k * _GRID, (k + 1) * _GRID
@@ -214,11 +240,13 @@ def _newton_alpha(tau: float, b: int, start: float | None = None) -> float | Non
 
 _START_N = 4096  # grid intervals over tau in [1, b]
 _STARTS: dict[int, list[float]] = {}  # b -> alpha at tau = 1 + i (b - 1) / _START_N, i = 0.._START_N
+_SLOPES: dict[int, list[float]] = {}  # b -> d alpha / d tau at the same points (Hermite interpolation)
 
 
 def _start_grid(b: int) -> list[float]:
     """Newton's starting points for block b: alpha on a grid of tau over [1, b] (built once per b, ~5 ms), linearly
-    interpolated by ``_newton_alpha``. Only a start: the result is still certified against the bisection's cells
+    interpolated by ``_newton_alpha``, and with d alpha / d tau at each point (``_SLOPES``) cubic-Hermite interpolated
+    by ``_solve_alpha`` (mostly within one 2^-40 cell of the root: certified without a Newton step). Only a start: the result is still certified against the bisection's cells
     (``_solve_alpha``), so the grid changes how many steps Newton takes (1.3 on average at b = 16, against 3.4 from
     1 - 1/tau), never the result. Where Newton fails on a grid point (alpha near 1), the point is 1 - 1/tau."""
     h = (b - 1) / _START_N
@@ -227,6 +255,14 @@ def _start_grid(b: int) -> list[float]:
         t = 1.0 + i * h
         a = _newton_alpha(t, b, 1.0 - 1.0 / t) if t < b - 1e-9 else 1.0
         grid.append(1.0 - 1.0 / t if a is None else a)
+    slopes = []
+    for a in grid:  # d alpha / d tau = 1 / (d tau / d alpha); at alpha = 1, d tau / d alpha = b (b - 1) / 2
+        if a >= 1.0:
+            slopes.append(2.0 / (b * (b - 1)))
+        else:
+            sa = (1.0 - a**b) / (1.0 - a)
+            slopes.append((1.0 - a) / (sa - b * a ** (b - 1)))
+    _SLOPES[b] = slopes
     _STARTS[b] = grid
     return grid
 
@@ -250,18 +286,32 @@ def _estimates(req: RouteRequest, replicas: list[RoutingStats], cfg: RouterWeigh
         if est is None:
             est = default
         n = 0
+        # each lookup as ReportedTaus.get / dict.get returns it; a reported (float, int) entry is used as it is
+        # (the check inlined: no method call per table and replica), anything else goes through the table's get
         if team:
-            x = r.tau_by_team.get(team)
+            tab = r.tau_by_team
+            x = (tab._raw if type(tab) is ReportedTaus else tab).get(team)
+            if x is not None and not (type(x) is tuple and len(x) == 2 and type(x[0]) is float
+                                      and type(x[1]) is int and x[0] - x[0] == 0.0):
+                x = tab.get(team)
             if x and x[1] > 0:
                 t, n = x
                 est = (n * t + k * est) / (n + k)
         if role:
-            x = r.tau_by_role.get(role)
+            tab = r.tau_by_role
+            x = (tab._raw if type(tab) is ReportedTaus else tab).get(role)
+            if x is not None and not (type(x) is tuple and len(x) == 2 and type(x[0]) is float
+                                      and type(x[1]) is int and x[0] - x[0] == 0.0):
+                x = tab.get(role)
             if x and x[1] > 0:
                 t, n = x
                 est = (n * t + k * est) / (n + k)
         if sid:
-            x = r.tau_by_session.get(sid)
+            tab = r.tau_by_session
+            x = (tab._raw if type(tab) is ReportedTaus else tab).get(sid)
+            if x is not None and not (type(x) is tuple and len(x) == 2 and type(x[0]) is float
+                                      and type(x[1]) is int and x[0] - x[0] == 0.0):
+                x = tab.get(sid)
             if x and x[1] > 0:
                 t, n = x
                 est = (n * t + k * est) / (n + k)
@@ -385,13 +435,24 @@ _SAFE = 1.0 + 1e-4
 _STEP_MEMO: _Memo = _Memo(_MEMO_SIZE)  # key -> _Model
 
 
-def _step_cfg_key(cfg: RouterWeights) -> tuple:
-    """The knobs _blocks, step_times and _Model read."""
-    return (cfg.steer_block, tuple(cfg.block_sizes), cfg.batch_slope, cfg.default_step_ms, cfg.spec_cost_ratio,
-            cfg.spec_margin)
+def _step_cfg_key(cfg: RouterWeights) -> int:
+    """The knobs _blocks, step_times and _Model read, as a number: one per distinct tuple of them, never reused (the
+    step memo's key holds this int, not the tuple, which would be hashed again for every replica and decision)."""
+    knobs = (cfg.steer_block, tuple(cfg.block_sizes), cfg.batch_slope, cfg.default_step_ms, cfg.spec_cost_ratio,
+             cfg.spec_margin)
+    token = _CFG_TOKENS.get(knobs)
+    if token is None:
+        if len(_CFG_TOKENS) >= 1024:  # bounded; tokens keep counting up, so a forgotten one is never reused
+            _CFG_TOKENS.clear()
+        token = _CFG_TOKENS[knobs] = next(_CFG_COUNTER)
+    return token
 
 
-def _step_model(r: RoutingStats, cfg: RouterWeights, cfg_key: tuple) -> _Model:
+_CFG_TOKENS: dict[tuple, int] = {}
+_CFG_COUNTER = itertools.count()
+
+
+def _step_model(r: RoutingStats, cfg: RouterWeights, cfg_key: int) -> _Model:
     """A replica's ``_Model``; memoised on what it is computed from (the same report and batch recur from decision
     to decision: a new report or a request counted in changes the key)."""
     key = (r.block_size_default, r.num_running, r.step_ms_ar, r.step_base_ms, r.step_per_token_ms, r.draft_ms,
@@ -427,17 +488,10 @@ def _blocks(r: RoutingStats, cfg: RouterWeights) -> list[int]:
 
 
 # ------------------------------------------------------------------ one replica
-@dataclass(slots=True)
-class _Eval:
-    r: RoutingStats
-    eligible: bool
-    score: float
-    score_no_affinity: float
-    score_no_explore: float
-    tau_hat: float
-    spec: SpecParams
-    steered_off: bool
-    cached: bool
+# a replica's evaluation, as a plain tuple (built 64 times a decision at fleet scale: a tuple costs a fraction of a
+# dataclass instance): (stats, eligible, score, score_no_affinity, score_no_explore, tau_hat, spec, steered_off,
+# cached)
+_Eval = tuple
 
 
 def _evaluate(req: RouteRequest, replicas: list[RoutingStats], cfg: RouterWeights, taus: list[float],
@@ -455,6 +509,9 @@ def _evaluate(req: RouteRequest, replicas: list[RoutingStats], cfg: RouterWeight
     steered = req.spec_requested is None and cfg.steer_spec and not probe  # the bound may settle AR
     kv_safety, min_vram, p_default = cfg.kv_safety, cfg.min_vram_free_bytes, cfg.default_prefill_ms_per_token
     watermark, pressure, affinity = cfg.kv_watermark, cfg.kv_pressure, cfg.affinity
+    w_queue, w_congestion, explicit = cfg.queue, cfg.congestion, req.spec_requested is not None
+    specs = {}  # the SpecParams of this ranking, one object per value (block, or -block for AR), shared by the
+    #             Choices that carry it (nothing changes a Choice's spec in place; a decision copies it to a dict)
     out = []
     for r, tau0, bonus in zip(replicas, taus, bonuses):
         cached = bool(sid) and sid in r.cached_sessions
@@ -485,7 +542,8 @@ def _evaluate(req: RouteRequest, replicas: list[RoutingStats], cfg: RouterWeight
         p_ms = r.prefill_ms_per_token
         if p_ms is None:
             p_ms = p_default
-        ahead = r.num_waiting + max(0, r.num_running + 1 - r.max_num_seqs)
+        num_running, max_seqs = r.num_running, r.max_num_seqs
+        ahead = r.num_waiting + max(0, num_running + 1 - max_seqs)
         kv_total = r.kv_total_tokens
         kv_after = 1.0 - (kv_free - new_kv) / kv_total if kv_total > 0 else 1.0
         damp = 1.0
@@ -493,7 +551,17 @@ def _evaluate(req: RouteRequest, replicas: list[RoutingStats], cfg: RouterWeight
             over = min(1.0, (kv_after - watermark) / (1.0 - watermark))
             damp = 1.0 - pressure * over
 
-        queue_ms, decode_ms, loss = _mode_terms(r, cfg, m, mode, max_tokens, ahead)
+        # _mode_terms(r, cfg, m, mode, max_tokens, ahead), inlined (the same expressions, the same floats)
+        rate, tau_m, blk = mode
+        t_step = tau_m / rate
+        decode_ms = max_tokens / rate
+        queue_ms = ahead * decode_ms / max(max_seqs, 1)
+        t_now = m.t_spec_now.get(blk, m.t_ar_now) if blk else m.t_ar_now
+        if t_step > t_now:
+            loss = num_running * (r.tau_mean if (r.tau_mean and blk) else 1.0) * (1000.0 / t_now - 1000.0 / t_step)
+        else:
+            loss = 0.0
+        queue_ms, loss = w_queue * queue_ms, w_congestion * loss
         prefill_ms = max(0.0, prompt - affinity * prefix) * p_ms
         s = (max_tokens / (queue_ms + prefill_ms + decode_ms) * 1000.0 - loss) * damp
         if prefix == 0:
@@ -506,12 +574,15 @@ def _evaluate(req: RouteRequest, replicas: list[RoutingStats], cfg: RouterWeight
         else:
             queue_ms, decode_ms, loss = _mode_terms(r, cfg, m, mode0, max_tokens, ahead)
             s_no_exp = (max_tokens / (queue_ms + prefill_ms + decode_ms) * 1000.0 - loss) * damp
-        blk = mode[2]
         if blk is None:
-            spec = SpecParams(enabled=False, block_size=bsd)
+            spec = specs.get(-bsd)
+            if spec is None:
+                spec = specs[-bsd] = SpecParams(enabled=False, block_size=bsd)
             tau = mode[1]
         else:
-            spec = SpecParams(enabled=True, block_size=blk)
+            spec = specs.get(blk)
+            if spec is None:
+                spec = specs[blk] = SpecParams(enabled=True, block_size=blk)
             # report the estimate, not the optimism: tau0 at the chosen block (as _Taus.at computes it)
             if blk == bsd or bsd < 2:
                 tau = max(1.0, min(tau0, float(blk)))
@@ -519,8 +590,8 @@ def _evaluate(req: RouteRequest, replicas: list[RoutingStats], cfg: RouterWeight
                 if alpha0 is None:
                     alpha0 = alpha_from_tau(tau0, bsd)
                 tau = float(blk) if alpha0 >= 1.0 else (1.0 - alpha0**blk) / (1.0 - alpha0)
-        steered_off = spec_ok and blk is None and req.spec_requested is None
-        out.append(_Eval(r, eligible, s, s_no_aff, s_no_exp, tau, spec, steered_off, cached))
+        steered_off = spec_ok and blk is None and not explicit
+        out.append((r, eligible, s, s_no_aff, s_no_exp, tau, spec, steered_off, cached))
     return out
 
 
@@ -593,35 +664,36 @@ def rank(req: RouteRequest, replicas: list[RoutingStats], cfg: RouterWeights | N
     bonuses = _bonuses(replicas, ns, cfg)
     probe = cfg.spec_probe_every > 0 and req.spec_off_turns >= cfg.spec_probe_every
     evals = _evaluate(req, replicas, cfg, taus, bonuses, probe)
-    ok = sorted((e for e in evals if e.eligible), key=lambda e: -e.score)
-    excluded = [e for e in evals if not e.eligible]
+    ok = sorted((e for e in evals if e[1]), key=_neg_score)
+    excluded = [e for e in evals if not e[1]]
     probing = req.spec_requested is None and probe
     choices = []
     for i, e in enumerate(ok):
         reason = _reason(e, ok[1:], excluded) if i == 0 else "spill"
-        if e.steered_off:
+        if e[7]:  # steered off
             reason += "+spec-off"
-        elif e.spec.enabled and probing:
+        elif probing and e[6].enabled:
             reason += "+spec-probe"
-        choices.append(
-            Choice(
-                e.r.replica_id, e.score, reason, e.spec, e.tau_hat,
-                {"score_no_affinity": e.score_no_affinity, "score_no_explore": e.score_no_explore},
-            )
-        )
+        choices.append(Choice(e[0].replica_id, e[2], reason, e[6], e[5],
+                              {"score_no_affinity": e[3], "score_no_explore": e[4]}))
     return choices
 
 
+def _neg_score(e: _Eval) -> float:
+    return -e[2]
+
+
 def _reason(best: _Eval, others: list[_Eval], excluded: list[_Eval]) -> str:
-    if any(x.score > best.score for x in excluded):
+    score = best[2]
+    if any(x[2] > score for x in excluded):
         return "headroom"  # a replica that would have won has no room for this request
     if not others:
         return "headroom" if excluded else "only"
-    runner = max(others, key=lambda o: o.score)
-    if best.cached and best.score_no_affinity <= runner.score:
+    runner = max(others, key=lambda o: o[2])
+    if best[8] and best[3] <= runner[2]:  # cached, and the score without affinity does not win
         return "affinity"
-    if best.score_no_explore <= max(o.score_no_explore for o in others):
+    if best[4] <= max(o[4] for o in others):  # the score without exploration does not win
         return "explore"
-    if best.tau_hat > runner.tau_hat * 1.02:
+    if best[5] > runner[5] * 1.02:
         return "acceptance"
     return "load"
