@@ -19,6 +19,8 @@ role-team pairs as the sessions have them, growing prompts with a cached prefix 
     ``--stats-period`` seconds at ``--rate`` decisions/s, and each report hands the router new dict objects
     for every replica (Serve's long poll sends the whole replica set). ``on_request_routed`` /
     ``on_request_completed`` run too (``--inflight`` requests in flight), timed apart as "bookkeeping".
+    Where the router takes reports in as Serve delivers them (``update_replicas`` -> ``take_reports``: the new
+    report is parsed there, between decisions), that call is timed apart as "report intake", once per report.
 (b) rank: ``score.rank()`` alone on the same reports parsed once (``RoutingStats.from_dict``), same requests.
 (c) parse: ``RoutingStats.from_dict`` of one report (the full parse, checked entry by entry).
 (d) the router's parse: ``RoutingStats.from_report`` of one report (long tau tables read in place; where the tree
@@ -196,12 +198,20 @@ def main() -> None:
     inflight: deque = deque()
     decide_ns, decide_cpu_ns, book_ns, with_report = [], [], [], 0
     cpu_new_report, cpu_no_report = [], []  # thread CPU of the decisions that met a new report, and of the rest
+    # where the router parses reports as Serve hands them over (update_replicas -> take_reports), that runs
+    # between decisions and is timed apart; in older trees the first decision after a report parses it
+    intake, intake_ns = getattr(router, "take_reports", None), []
     for k, hints in enumerate(reqs):
         i = due.get(k % every)
         if i is not None:  # replica i reports; Serve hands over new dicts for the whole replica set
             fleet.report(i)
             for r, d in zip(replicas, fleet.reports):
                 r.routing_stats = dict(d)
+            if intake is not None:  # Serve calls the router's update_replicas with them (trees with the hook)
+                t0 = time.perf_counter_ns()
+                intake(replicas)
+                if k >= a.warmup:
+                    intake_ns.append(time.perf_counter_ns() - t0)
         pr = NS(kwargs={"route": dict(hints)},
                 metadata=NS(session_id=hints["session_id"], internal_request_id=f"iid{k}"),
                 routing_context=NS(should_backoff=False))
@@ -255,6 +265,7 @@ def main() -> None:
         "report_bytes_json": len(json.dumps(fleet.reports[0])),
         "router_decision": pcts(decide_ns), "router_decision_cpu": pcts(decide_cpu_ns),
         "router_bookkeeping": pcts(book_ns), "decisions_with_a_new_report": with_report,
+        "router_report_intake": pcts(intake_ns) if intake_ns else None,
         "router_decision_cpu_new_report": pcts(cpu_new_report) if cpu_new_report else None,
         "router_decision_cpu_no_report": pcts(cpu_no_report) if cpu_no_report else None,
         "rank_only": pcts(rank_ns), "rank_only_cpu": pcts(rank_cpu_ns), "from_dict_one_report": pcts(parse_ns),
@@ -269,7 +280,8 @@ def main() -> None:
     for name, key in (("(a) router decision, wall", "router_decision"), ("    same, thread CPU", "router_decision_cpu"),
                       ("    CPU, met a new report", "router_decision_cpu_new_report"),
                       ("    CPU, the others", "router_decision_cpu_no_report"),
-                      ("    bookkeeping, wall", "router_bookkeeping"), ("(b) score.rank alone, wall", "rank_only"),
+                      ("    bookkeeping, wall", "router_bookkeeping"),
+                      ("    report intake, wall", "router_report_intake"), ("(b) score.rank alone, wall", "rank_only"),
                       ("    same, thread CPU", "rank_only_cpu"), ("(c) from_dict, one report", "from_dict_one_report"),
                       ("(d) from_report, one report", "from_report_one_report")):
         r = res[key]

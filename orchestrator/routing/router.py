@@ -110,10 +110,33 @@ class SpecfleetRouter(RequestRouter):
         # not be admitted yet when the replica measured: keep counting it (conservative)
         _fleet.ROUTERS.attach(self)  # the ingress reads the replica set (node, capacity) from here
 
-    def _corrected(self, replica: Any, now: float) -> RoutingStats:
-        """The replica's last report (parsed once) with the requests sent since counted in."""
-        s = _dec.stats_of(replica, self._reports)
-        return self._reports.with_inflight(s, *self._inflight.unseen(s.replica_id, s.updated_at - self._grace_s, now))
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        """Serve's hook for a new replica set, called whenever any replica reports (its long poll hands over the
+        whole set, each replica with its latest routing stats): the reports are parsed here, as they arrive, so a
+        decision finds them parsed (``take_reports``)."""
+        up = getattr(super(), "update_replicas", None)
+        if up is not None:
+            up(replicas)
+        self.take_reports(replicas)
+
+    def take_reports(self, replicas: list[Any]) -> None:
+        """Parse the replicas' reports that are new (``ReportCache``: a report already parsed costs a lookup)."""
+        if not hasattr(self, "_reports"):
+            self.initialize_state()
+        reports = self._reports
+        for r in replicas:
+            _dec.stats_of(r, reports)
+
+    def _corrected(self, replicas: list[Any], now: float) -> list[RoutingStats]:
+        """Each replica's last report (parsed once) with the requests sent since counted in."""
+        reports, unseen, grace, stats_of = self._reports, self._inflight.unseen, self._grace_s, _dec.stats_of
+        with_inflight = reports.with_inflight
+        out = []
+        for r in replicas:
+            s = stats_of(r, reports)
+            n, kv = unseen(s.replica_id, s.updated_at - grace, now)
+            out.append(with_inflight(s, n, kv) if n > 0 else s)
+        return out
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
@@ -133,7 +156,7 @@ class SpecfleetRouter(RequestRouter):
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         req = _dec.route_request_from_hints(hints)
         now = time.time()
-        stats = [self._corrected(r, now) for r in candidate_replicas]
+        stats = self._corrected(candidate_replicas, now)
         choices = _dec.order_with_shuffled_ties(rank(req, stats, self._weights), self._rng)
         if choices:
             ordered = [c.replica_id for c in choices]

@@ -199,3 +199,36 @@ def test_the_router_decides_like_a_fresh_parse_of_every_report():
             iid = rng.choice(sorted(open_))
             router.on_request_completed(NS(unique_id=open_.pop(iid)[0]), iid)
     assert decided > 100
+
+
+def test_reports_taken_in_at_update_replicas_are_not_parsed_in_a_decision(monkeypatch):
+    """Serve calls update_replicas with the replica set whenever a replica reports: the router parses new reports
+    there, so the decision after it parses nothing (and decides as on a fresh parse)."""
+    rng = random.Random(7)
+    sessions = [f"s{i}" for i in range(200)]
+    router = SpecfleetRouter.__new__(SpecfleetRouter)
+    router.initialize_state(seed=1)
+    reps = [NS(replica_id=NS(unique_id=f"r{i}"), routing_stats=random_report(rng, f"r{i}", sessions, 100.0 + i))
+            for i in range(5)]
+    parses = []
+    real = RoutingStats.from_report.__func__
+    monkeypatch.setattr(RoutingStats, "from_report", classmethod(lambda cls, d: parses.append(d) or real(cls, d)))
+    base, serve_calls = SpecfleetRouter.__mro__[1], []
+    if base is not object:  # Serve's own update_replicas needs the state Serve's __init__ builds: a stand-in
+        monkeypatch.setattr(base, "update_replicas", lambda self, replicas: serve_calls.append(len(replicas)))
+    router.update_replicas(reps)
+    assert len(parses) == 5 and serve_calls in ([5], [])
+    reps[2].routing_stats = random_report(rng, "r2", sessions, 200.0)
+    for r in reps:
+        r.routing_stats = dict(r.routing_stats)  # Serve's next broadcast: new dicts for every replica
+    router.take_reports(reps)
+    assert len(parses) == 6  # only the new report
+    hints = random_request(rng, 0, sessions)
+    pr = NS(kwargs={"route": dict(hints)}, metadata=NS(session_id=hints["session_id"], internal_request_id="i0"),
+            routing_context=NS(should_backoff=False))
+    with pytest.raises(StopIteration) as done:
+        router.choose_replicas(reps, pr).send(None)
+    assert len(parses) == 6  # the decision parsed nothing
+    fresh = [RoutingStats.from_dict({**r.routing_stats, "replica_id": r.replica_id.unique_id}) for r in reps]
+    want = rank(route_request_from_hints(hints), fresh, RouterWeights())
+    assert want and [c.replica_id for c in want] == [g[0].replica_id.unique_id for g in done.value.value][: len(want)]
