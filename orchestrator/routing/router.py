@@ -28,7 +28,7 @@ from typing import Any
 
 from orchestrator import fleet as _fleet
 from orchestrator.routing import decisions as _dec
-from orchestrator.routing.score import RouterWeights, rank
+from orchestrator.routing.score import RouterWeights, prepare, rank
 from orchestrator.routing.stats import ReportCache, RoutingStats
 
 try:  # keep the module importable where Serve is absent
@@ -120,12 +120,21 @@ class SpecfleetRouter(RequestRouter):
         self.take_reports(replicas)
 
     def take_reports(self, replicas: list[Any]) -> None:
-        """Parse the replicas' reports that are new (``ReportCache``: a report already parsed costs a lookup)."""
+        """Parse the replicas' reports that are new (``ReportCache``: a report already parsed costs a lookup), and
+        for each new one do now what the next decision would do first: count the requests sent since it (a new
+        report moves that cut-off: a rescan) and build its step model (``score.prepare``)."""
         if not hasattr(self, "_reports"):
             self.initialize_state()
-        reports = self._reports
+        reports, fresh = self._reports, []
         for r in replicas:
+            rid = r.replica_id.unique_id
+            before = reports.known(rid)
             _dec.stats_of(r, reports)
+            after = reports.known(rid)
+            if after is not None and after is not before:
+                fresh.append(r)
+        if fresh:
+            prepare(self._corrected(fresh, time.time()), self._weights)
 
     def _corrected(self, replicas: list[Any], now: float) -> list[RoutingStats]:
         """Each replica's last report (parsed once) with the requests sent since counted in."""

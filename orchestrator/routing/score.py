@@ -468,6 +468,15 @@ def _step_model(r: RoutingStats, cfg: RouterWeights, cfg_key: int) -> _Model:
     return out
 
 
+def prepare(replicas: list[RoutingStats], cfg: RouterWeights | None = None) -> None:
+    """Build (memoise) the replicas' step models now, e.g. where a router takes a new report in, so the next
+    ``rank`` finds them built. Changes no result: the memo holds what ``rank`` would compute."""
+    cfg = cfg or RouterWeights()
+    cfg_key = _step_cfg_key(cfg)
+    for r in replicas:
+        _step_model(r, cfg, cfg_key)
+
+
 def _blocks(r: RoutingStats, cfg: RouterWeights) -> list[int]:
     """Candidate blocks: the configured ones; else the blocks the step-cost table measured and the drafter's;
     without measured speculative rows, the blocks with a live EWMA and the drafter's. With a table, EWMA keys do

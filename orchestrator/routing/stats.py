@@ -323,6 +323,11 @@ class ReportCache:
         self._last[replica_id] = (None if at else d, at, st)
         return st
 
+    def known(self, replica_id: str) -> RoutingStats | None:
+        """The replica's report as last parsed (None where none parsed)."""
+        hit = self._last.get(replica_id)
+        return hit[2] if hit is not None else None
+
     def with_inflight(self, st: RoutingStats, n: int, kv_tokens: int) -> RoutingStats:
         """``st.with_inflight(n, kv_tokens)`` for a report this cache parsed, the copy kept until the report or the
         counts change: between two decisions most replicas' counts do not move, so their copies are reused (one

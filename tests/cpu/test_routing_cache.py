@@ -9,6 +9,7 @@ from types import SimpleNamespace as NS
 import pytest
 
 from orchestrator.routing.decisions import order_with_shuffled_ties, route_hints, route_request_from_hints
+from orchestrator.routing import score
 from orchestrator.routing.router import InFlight, SpecfleetRouter
 from orchestrator.routing.score import RouterWeights, rank
 from orchestrator.routing.stats import LAZY_TABLE, ReportCache, ReportedTaus, RoutingStats
@@ -226,9 +227,17 @@ def test_reports_taken_in_at_update_replicas_are_not_parsed_in_a_decision(monkey
     hints = random_request(rng, 0, sessions)
     pr = NS(kwargs={"route": dict(hints)}, metadata=NS(session_id=hints["session_id"], internal_request_id="i0"),
             routing_context=NS(should_backoff=False))
+    def no_step_times(*_a, **_k):
+        raise AssertionError("step times computed in the decision")
+
+    # the intake built every replica's step model too (score.prepare); a client spec would compute its own block's
+    monkeypatch.setattr(score, "step_times", no_step_times)
+    pr.kwargs["route"]["spec"] = None
+    hints["spec"] = None
     with pytest.raises(StopIteration) as done:
         router.choose_replicas(reps, pr).send(None)
     assert len(parses) == 6  # the decision parsed nothing
+    monkeypatch.undo()
     fresh = [RoutingStats.from_dict({**r.routing_stats, "replica_id": r.replica_id.unique_id}) for r in reps]
     want = rank(route_request_from_hints(hints), fresh, RouterWeights())
     assert want and [c.replica_id for c in want] == [g[0].replica_id.unique_id for g in done.value.value][: len(want)]
