@@ -105,6 +105,7 @@ class SpecfleetRouter(RequestRouter):
         self._weights = RouterWeights(**(weights or {}))
         self._rng = random.Random(seed)
         self._reports = ReportCache()  # each replica's report, parsed once
+        self._models: dict[str, tuple[RoutingStats, Any]] = {}  # replica id -> (its view, score.prepare of it)
         self._inflight = InFlight()  # requests sent since each replica's last stats
         self._grace_s = float(stats_grace_s)  # a request sent this long before a stats sample may
         # not be admitted yet when the replica measured: keep counting it (conservative)
@@ -134,18 +135,30 @@ class SpecfleetRouter(RequestRouter):
             if after is not None and after is not before:
                 fresh.append(r)
         if fresh:
-            prepare(self._corrected(fresh, time.time()), self._weights)
+            self._corrected(fresh, time.time())  # builds their views' step models
 
-    def _corrected(self, replicas: list[Any], now: float) -> list[RoutingStats]:
-        """Each replica's last report (parsed once) with the requests sent since counted in."""
+    def _corrected(self, replicas: list[Any], now: float) -> tuple[list[RoutingStats], list]:
+        """Each replica's last report (parsed once) with the requests sent since counted in, and its step model
+        (``score.prepare``), kept per view: a view is never changed, and most replicas' views do not change between
+        two decisions, so most models are reused without building the step memo's key."""
         reports, unseen, grace, stats_of = self._reports, self._inflight.unseen, self._grace_s, _dec.stats_of
-        with_inflight = reports.with_inflight
-        out = []
+        with_inflight, models, weights = reports.with_inflight, self._models, self._weights
+        out, ms = [], []
         for r in replicas:
             s = stats_of(r, reports)
-            n, kv = unseen(s.replica_id, s.updated_at - grace, now)
-            out.append(with_inflight(s, n, kv) if n > 0 else s)
-        return out
+            rid = s.replica_id
+            n, kv = unseen(rid, s.updated_at - grace, now)
+            if n > 0:
+                s = with_inflight(s, n, kv)
+            hit = models.get(rid)
+            if hit is not None and hit[0] is s:
+                m = hit[1]
+            else:
+                m = prepare([s], weights)[0]
+                models[rid] = (s, m)
+            out.append(s)
+            ms.append(m)
+        return out, ms
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
@@ -160,13 +173,16 @@ class SpecfleetRouter(RequestRouter):
         if pending_request is not None and not hints and pending_request.metadata.session_id:
             hints = {"session_id": pending_request.metadata.session_id}
         if len(self._reports) > 2 * len(candidate_replicas) + 8:
-            self._reports.keep({r.replica_id.unique_id for r in candidate_replicas})
+            keep = {r.replica_id.unique_id for r in candidate_replicas}
+            self._reports.keep(keep)
+            for rid in [rid for rid in self._models if rid not in keep]:
+                del self._models[rid]
         candidate_replicas = _dec.without_avoided(candidate_replicas, hints)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         req = _dec.route_request_from_hints(hints)
         now = time.time()
-        stats = self._corrected(candidate_replicas, now)
-        choices = _dec.order_with_shuffled_ties(rank(req, stats, self._weights), self._rng)
+        stats, models = self._corrected(candidate_replicas, now)
+        choices = _dec.order_with_shuffled_ties(rank(req, stats, self._weights, models), self._rng)
         if choices:
             ordered = [c.replica_id for c in choices]
         else:  # nobody has headroom: most free KV first, the engine's admission answers 429

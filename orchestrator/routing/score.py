@@ -472,13 +472,14 @@ def _step_model(r: RoutingStats, cfg: RouterWeights, cfg_key: int) -> _Model:
     return out
 
 
-def prepare(replicas: list[RoutingStats], cfg: RouterWeights | None = None) -> None:
-    """Build (memoise) the replicas' step models now, e.g. where a router takes a new report in, so the next
-    ``rank`` finds them built. Changes no result: the memo holds what ``rank`` would compute."""
+def prepare(replicas: list[RoutingStats], cfg: RouterWeights | None = None) -> list[_Model]:
+    """The replicas' step models (what ``rank`` computes per replica that depends on its report and batch, not on
+    the request), memoised too. A caller whose stats objects never change (the router's parsed reports and their
+    in-flight views) may keep them per object and hand them to ``rank(..., models=)``; built where a report is taken
+    in, the next decision finds them ready. Changes no result."""
     cfg = cfg or RouterWeights()
     cfg_key = _step_cfg_key(cfg)
-    for r in replicas:
-        _step_model(r, cfg, cfg_key)
+    return [_step_model(r, cfg, cfg_key) for r in replicas]
 
 
 def _blocks(r: RoutingStats, cfg: RouterWeights) -> list[int]:
@@ -508,7 +509,7 @@ _Eval = tuple
 
 
 def _evaluate(req: RouteRequest, replicas: list[RoutingStats], cfg: RouterWeights, taus: list[float],
-              bonuses: list[float], probe: bool = False) -> list[_Eval]:
+              bonuses: list[float], probe: bool = False, models: list[_Model] | None = None) -> list[_Eval]:
     """Each replica's score for this request; taus[i] = estimate_tau(req, replicas[i], cfg)[0], probe = the request
     re-measures a steered-off session (``spec_probe_every``). One loop, the request's and the knobs' values read
     once. Per replica, what does not change between the three scores (with / without affinity, with / without
@@ -526,7 +527,7 @@ def _evaluate(req: RouteRequest, replicas: list[RoutingStats], cfg: RouterWeight
     specs = {}  # the SpecParams of this ranking, one object per value (block, or -block for AR), shared by the
     #             Choices that carry it (nothing changes a Choice's spec in place; a decision copies it to a dict)
     out = []
-    for r, tau0, bonus in zip(replicas, taus, bonuses):
+    for i, (r, tau0, bonus) in enumerate(zip(replicas, taus, bonuses)):
         cached = bool(sid) and sid in r.cached_sessions
         prefix = min(prefix_req, prompt) if cached else 0
         bsd = r.block_size_default
@@ -537,7 +538,7 @@ def _evaluate(req: RouteRequest, replicas: list[RoutingStats], cfg: RouterWeight
         if r.vram_free_bytes is not None and r.vram_free_bytes < min_vram:
             eligible = False
 
-        m = _step_model(r, cfg, cfg_key)
+        m = models[i] if models is not None else _step_model(r, cfg, cfg_key)
         alpha0 = None
         tau_b = tau0 + bonus
         if not spec_ok or (steered and tau_b <= m.tau_ar):
@@ -676,16 +677,20 @@ def _bonuses(replicas: list[RoutingStats], ns: list[int], cfg: RouterWeights) ->
     ]
 
 
-def rank(req: RouteRequest, replicas: list[RoutingStats], cfg: RouterWeights | None = None) -> list[Choice]:
+def rank(req: RouteRequest, replicas: list[RoutingStats], cfg: RouterWeights | None = None,
+         models: list[_Model] | None = None) -> list[Choice]:
     """Eligible replicas, best first, each with its predicted goodput, reason and speculation choice.
-    O(replicas): per replica a few table lookups (dicts, the cached-session set) and arithmetic."""
+    O(replicas): per replica a few table lookups (dicts, the cached-session set) and arithmetic. ``models``:
+    ``prepare(replicas, cfg)``, where the caller keeps them (else they are looked up in the memo)."""
     cfg = cfg or RouterWeights()
     if not replicas:
         return []
+    if models is not None and len(models) != len(replicas):
+        raise ValueError(f"{len(models)} step models for {len(replicas)} replicas")
     taus, ns = _estimates(req, replicas, cfg)
     bonuses = _bonuses(replicas, ns, cfg)
     probe = cfg.spec_probe_every > 0 and req.spec_off_turns >= cfg.spec_probe_every
-    evals = _evaluate(req, replicas, cfg, taus, bonuses, probe)
+    evals = _evaluate(req, replicas, cfg, taus, bonuses, probe, models)
     ok = sorted((e for e in evals if e[1]), key=_neg_score)
     excluded = [e for e in evals if not e[1]]
     probing = req.spec_requested is None and probe

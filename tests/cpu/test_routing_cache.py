@@ -241,3 +241,18 @@ def test_reports_taken_in_at_update_replicas_are_not_parsed_in_a_decision(monkey
     fresh = [RoutingStats.from_dict({**r.routing_stats, "replica_id": r.replica_id.unique_id}) for r in reps]
     want = rank(route_request_from_hints(hints), fresh, RouterWeights())
     assert want and [c.replica_id for c in want] == [g[0].replica_id.unique_id for g in done.value.value][: len(want)]
+
+
+def test_rank_with_prepared_step_models_is_rank():
+    """rank(..., models=prepare(...)) gives what rank computes itself; models for other replicas are refused."""
+    rng = random.Random(11)
+    sessions = [f"s{i}" for i in range(100)]
+    cfg = RouterWeights(spec_margin=0.9)
+    for k in range(40):
+        stats = [RoutingStats.from_report(random_report(rng, f"r{i}", sessions, 5.0)) for i in range(5)]
+        req = route_request_from_hints(random_request(rng, k, sessions))
+        got, want = rank(req, stats, cfg, score.prepare(stats, cfg)), rank(req, stats, cfg)
+        assert [(c.replica_id, c.score, c.reason, c.spec, c.tau_hat, c.detail) for c in got] == [
+            (c.replica_id, c.score, c.reason, c.spec, c.tau_hat, c.detail) for c in want]
+    with pytest.raises(ValueError):
+        rank(req, stats, cfg, score.prepare(stats[:2], cfg))
