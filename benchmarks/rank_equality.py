@@ -119,8 +119,8 @@ def run(fleets: int, seed: int) -> str:
         parsed = [RoutingStats.from_dict(d) for d in reports]
         router = SpecfleetRouter.__new__(SpecfleetRouter)
         router.initialize_state(weights=weights, seed=f)
-        replicas = [NS(replica_id=NS(unique_id=d["replica_id"]), routing_stats=dict(d), node_id="n0",
-                       max_ongoing_requests=64) for d in reports]
+        replicas = [NS(replica_id=NS(unique_id=d["replica_id"]), routing_stats=dict(d) if rng.random() < 0.95 else {},
+                       node_id="n0", max_ongoing_requests=64) for d in reports]  # {}: not reported yet
         for k in range(rng.randint(1, 6)):
             hints = _request(rng, sessions, teams)
             out = [_choice(c) for c in rank(route_request_from_hints(hints), parsed, cfg)]
