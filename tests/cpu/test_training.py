@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import random
 import subprocess
 import sys
@@ -383,6 +384,13 @@ def test_card_attaches_engine_acceptance(tiny_corpus, tmp_path):
     (tmp_path / "acc.json").write_text(json.dumps(acc))
     card = attach_acceptance(tmp_path / "drafter", tmp_path / "acc.json").read_text()
     assert "T=1 (all: tau 1.20)" in card and "| tau | 1.50 |" in card
+    # the documented command, as a module run (a helper defined below `if __name__ == "__main__"` broke only this)
+    (tmp_path / "drafter" / "README.md").unlink()
+    res = subprocess.run([sys.executable, "-m", "workers.training.card", str(tmp_path / "drafter"), "--acceptance",
+                          str(tmp_path / "acc.json")], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "T=1 (all: tau 1.20)" in (tmp_path / "drafter" / "README.md").read_text()
 
 
 def test_commands_make_corpus_and_train_drafter(tmp_path):

@@ -22,6 +22,16 @@ def _tau_table(by_cat: dict, cols: list[str]) -> list[str]:
     return lines
 
 
+def _loss_vocab(tc: dict, d: dict) -> str:
+    if tc.get("loss_vocab") == "draft" and d.get("draft_vocab"):
+        dv = d["draft_vocab"]
+        return (f"draft vocabulary: the {dv['size']} most frequent response tokens ({dv['coverage']:.2%} of the "
+                f"training responses; draft_vocab.json — it drafts from these only)")
+    if tc.get("loss_vocab") == "full":
+        return "full vocabulary"
+    return "response vocabulary + %d negatives" % tc["n_negatives"]
+
+
 def render_card(s: dict) -> str:
     d, c, tc = s["drafter"], s["corpus"], s["train_config"]
     name = Path(s.get("out", "")).name or "DFlash drafter"
@@ -116,12 +126,3 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-def _loss_vocab(tc: dict, d: dict) -> str:
-    if tc.get("loss_vocab") == "draft" and d.get("draft_vocab"):
-        dv = d["draft_vocab"]
-        return (f"draft vocabulary: the {dv['size']} most frequent response tokens ({dv['coverage']:.2%} of the "
-                f"training responses; draft_vocab.json — it drafts from these only)")
-    if tc.get("loss_vocab") == "full":
-        return "full vocabulary"
-    return "response vocabulary + %d negatives" % tc["n_negatives"]
