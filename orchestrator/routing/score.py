@@ -382,15 +382,12 @@ def live_factors(r: RoutingStats, cfg: RouterWeights) -> tuple[float, float]:
     with an EWMA; each falls back to the other, then 1. Only while sequences run (``step_batch`` >= 1): an idle
     replica's EWMAs are from an earlier batch. Bounded by ``LIVE_FACTOR``.
 
-    The speculative factor is never below the AR factor: live EWMAs may make speculation costlier relative to AR
-    than the calibration measured, never cheaper. A speculative EWMA is read from whatever step had a speculative
-    row (the engine labels a step with its largest block: one block-4 row among 15 AR rows, or a block cut to 2 at
-    a request's max_tokens, costs about an AR step), so it reads low whenever AR and speculative rows share a
-    batch; and the AR EWMA stops moving while every step has a speculative row, so the two factors come from
-    different moments. Their ratio below 1 was that artefact (never_slower at concurrency 16, 2026-12-03: AR
-    factor 4 against speculative ~2.9 turned the table's "AR at batch 13-16" into block 2 on 58 of 83 turns, which
-    then kept the AR EWMA frozen: docs/routing.md, "Live correction"). A ratio above 1 is kept: it errs towards
-    AR, whose steps then refresh the AR EWMA."""
+    The EWMAs describe pure steps only: the engine records no step that mixes AR rows with speculative ones or
+    blocks of different sizes (such a step, keyed by its largest block, read as a cheap speculative step and turned
+    the table's "AR at batch 13-16" into block 2 on 58 of 83 turns in never_slower at concurrency 16, 2026-12-03).
+    A floor of the speculative factor at the AR factor, tried first against that artefact, also hid real readings:
+    at concurrency 1, where every step is pure, it kept speculation off on turns where static block 16 was 1.24x
+    AR (never_slower, 15:28 UTC)."""
     tab = r.step_costs
     b0 = r.step_batch if r.step_batch is not None else r.num_running
     if tab is None or b0 < 1:
@@ -403,8 +400,7 @@ def live_factors(r: RoutingStats, cfg: RouterWeights) -> tuple[float, float]:
     f_ar, f_spec = (f_ar if f_ar is not None else f_spec), (f_spec if f_spec is not None else f_ar)
     if f_ar is None:
         return 1.0, 1.0
-    f_ar, f_spec = min(hi, max(lo, f_ar)), min(hi, max(lo, f_spec))
-    return f_ar, max(f_spec, f_ar)
+    return min(hi, max(lo, f_ar)), min(hi, max(lo, f_spec))
 
 
 class _Model:

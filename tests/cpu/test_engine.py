@@ -182,3 +182,39 @@ async def test_async_stream_errors_abort_and_health(made):
         assert aeng.stats().tokens_generated > 0
     finally:
         await aeng.shutdown()
+
+
+def test_step_times_are_recorded_for_pure_steps_only(made):
+    """The live step-time EWMAs the router corrects its table with describe pure steps: a step that mixes an AR row
+    with a speculative row is recorded as neither (never_slower c16, 2026-12-03: such steps, keyed by their largest
+    block, made speculation look cheap at batch 13-16); all-AR and all-block-4 steps are recorded as such."""
+    _, eng, _ = made
+    calls = []
+    tracker = eng.tracker
+    orig = tracker.record_step_time
+    tracker.record_step_time = lambda ms, block: calls.append(block)
+    try:
+        sp = SamplingParams(max_tokens=6, ignore_eos=True)
+        eng.add_request("m-ar", [5, 6], sp, SpecParams(enabled=False))
+        eng.add_request("m-sp", [5, 7], sp, SpecParams(True, 4))
+        eng.step()  # prefill of both: not recorded
+        assert calls == []
+        eng.step()  # one AR row + one block-4 row: mixed, not recorded (was recorded as a block-4 step)
+        assert calls == []
+        drain(eng)
+        calls.clear()
+        eng.add_request("p-a", [5, 6], sp, SpecParams(True, 4))
+        eng.add_request("p-b", [5, 7], sp, SpecParams(True, 4))
+        eng.step()
+        eng.step()  # both at block 4: a pure speculative step
+        assert calls == [4]
+        drain(eng)
+        calls.clear()
+        eng.add_request("a-a", [5, 6], sp, SpecParams(enabled=False))
+        eng.add_request("a-b", [5, 7], sp, SpecParams(enabled=False))
+        eng.step()
+        eng.step()  # a pure AR step
+        assert calls == [None]
+        drain(eng)
+    finally:
+        tracker.record_step_time = orig

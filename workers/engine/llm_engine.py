@@ -241,8 +241,14 @@ class LLMEngine:
         results = self.executor.run(sched.items)
         ms = (time.perf_counter() - t0) * 1e3
         if all(it.kind != "prefill" for it in sched.items):
-            spec_blocks = [it.num_query for it in sched.items if it.kind == "spec"]
-            self.tracker.record_step_time(ms, max(spec_blocks) if spec_blocks else None)
+            # only pure steps describe a step kind: all AR rows, or every row speculating at one block. A step
+            # that mixes AR rows with a speculative row (or blocks cut short at max_tokens) costs neither, and read
+            # as a speculative step it made speculation look cheap at high batch (never_slower c16, 2026-12-03)
+            spec_blocks = {it.num_query for it in sched.items if it.kind == "spec"}
+            if not spec_blocks:
+                self.tracker.record_step_time(ms, None)
+            elif len(spec_blocks) == 1 and all(it.kind == "spec" for it in sched.items):
+                self.tracker.record_step_time(ms, spec_blocks.pop())
         for it in sched.items:
             res = results.get(it.seq.request_id)
             out = self._apply(it, res)
