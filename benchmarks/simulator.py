@@ -246,11 +246,13 @@ class Simulator:
         for b in blocks:
             n_b = sum(1 for x in spec if x.spec.block_size == b)
             t_b = rep.s.step.spec_s(n_b + len(ar), b, ctx)  # one verify pass carries the AR rows too
-            rep.step_ms_by_block[b] = _ew(rep.step_ms_by_block.get(b), t_b * 1000 * 1.0)
+            if not ar and len(blocks) == 1 and not new:  # like the engine: pure steps only are recorded
+                rep.step_ms_by_block[b] = _ew(rep.step_ms_by_block.get(b), t_b * 1000 * 1.0)
             t = max(t, t_b)
         if ar and not spec:
             t = rep.s.step.ar_s(len(ar), ctx)
-            rep.step_ms_ar = _ew(rep.step_ms_ar, t * 1000)
+            if not new:
+                rep.step_ms_ar = _ew(rep.step_ms_ar, t * 1000)
         if new:
             t += rep.s.step.prefill_s(sum(x.prompt_tokens for x in new))
         rep.busy_until = now + t
