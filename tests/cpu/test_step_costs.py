@@ -213,13 +213,13 @@ def test_the_mock_engine_reports_its_own_step_model_as_a_table():
     eng = MockEngine(block_size=16, max_num_seqs=8)
     st = RoutingStats.from_engine("m", eng.stats(), max_num_seqs=8)
     table = st.step_costs
-    assert table is not None and table.blocks == (4, 8, 16) and table.ar[0] == (1, 4)  # batch 16 > max_num_seqs
+    assert table is not None and table.blocks == (2, 4, 8, 16) and table.ar[0] == (1, 4)  # batch 16 > max_num_seqs
     for batch in (1, 3, 8):
         t_ar, t_spec = step_times(st, RouterWeights(), batch, [4, 8, 12, 16])
         assert t_ar == eng.step_ms(None)
         assert t_spec == pytest.approx({b: eng.step_ms(b) for b in (4, 8, 12, 16)})
     assert MockEngine(speculative=False).stats().step_costs["spec_ms"] == {}
-    assert StepCostTable.parse(MockEngine(block_size=12).stats().step_costs).blocks == (4, 8, 12)
+    assert StepCostTable.parse(MockEngine(block_size=12).stats().step_costs).blocks == (2, 4, 8, 12)
 
 
 def test_the_simulator_reports_the_table_a_calibrating_engine_would_measure():

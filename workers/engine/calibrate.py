@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from workers.engine.params import SamplingParams, SpecParams
 
 DEFAULT_BATCHES = (1, 4, 16)
-DEFAULT_BLOCKS = (4, 8, 16)
+DEFAULT_BLOCKS = (2, 4, 8, 16)  # 2: the cheap probe of a session with no tau yet, measured, not interpolated
 
 
 @dataclass
