@@ -17,6 +17,15 @@ Step times (``step_times``): the replica's measured step-cost table (start-up ca
 interpolated over batch and block and corrected by its live EWMAs; without one its EWMAs scaled by
 ``batch_slope``; with nothing measured a guess (``default_step_ms``, ``spec_cost_ratio``).
 
+Mixed steps (``mixed_step_times``): a replica that reports its decode-step EWMAs (the real engine: ms, target rows
+and committed tokens per step, mixed steps included) and a step-cost table is priced by rows. Its running
+sequences share one step of R rows committing S tokens; this request at block b (1 = AR) makes it R + b rows,
+t_b = T(R + b) x f (T: the table read by rows, ``StepCostTable.at_rows``; f: the live step over T at its rows).
+The request's rate is tau(b) / t_b and the others lose S x (1 / t_now - 1 / t_b) tokens/ms; the block is chosen
+on the sum, the replica's goodput change, not on the request's own rate. Choosing by the own rate, with every
+running sequence assumed at the same block, ran block 2 on 76 of 96 turns at concurrency 16 in never_slower and
+delivered 0.76x of static AR (2026-12-03): at 16 rows a block-2 row costs the other 15 sequences more than it gains.
+
 Cost: O(replicas), a few dict / set lookups and some arithmetic per replica. What depends only on a report
 (blocks, step times at the batch) and alpha per tau are memoised on their inputs (pure: the same inputs give
 the same floats); alpha is Newton's root certified to be the bisection's result. benchmarks/router_cost.py.
@@ -412,17 +421,25 @@ class _Model:
     over the rounding in tau(b) (< 1e-5 relative, near alpha = 1), so where it settles a mode as AR, the exact
     comparison (``_best_mode``) would have chosen AR too: the same result, without solving alpha."""
 
-    __slots__ = ("blocks", "t_ar", "t_spec", "t_ar_now", "t_spec_now", "ar_mode", "spec", "tau_ar")
+    __slots__ = ("blocks", "t_ar", "t_spec", "t_ar_now", "t_spec_now", "ar_mode", "spec", "tau_ar", "s_now",
+                 "pen_ar", "pen")
 
     def __init__(self, blocks: list[int], t_ar: float, t_spec: dict[int, float], t_ar_now: float,
-                 t_spec_now: dict[int, float], spec_margin: float):
+                 t_spec_now: dict[int, float], spec_margin: float, s_now: float | None = None,
+                 congestion: float = 1.0):
         self.blocks, self.t_ar, self.t_spec, self.t_ar_now, self.t_spec_now = blocks, t_ar, t_spec, t_ar_now, t_spec_now
         self.ar_mode = (1.0 / t_ar, 1.0, None)  # (rate tokens/ms, tau, block)
         self.spec = tuple((b, t_spec[b], float(b)) for b in blocks)
-        thr = self.ar_mode[0] * spec_margin
-        # block b cannot win while max(1, min(tau, b)) / t_b x _SAFE <= thr, i.e. tau <= cap = thr t_b / _SAFE
-        # where cap < b (no tau when cap < 1: tau(b) is at least 1)
-        caps = [thr * t / _SAFE for _, t, _ in self.spec]
+        # s_now: tokens per step of the running sequences, where steps are priced by rows (mixed_step_times); the
+        # block is then chosen on rate - pen: pen = what the running sequences lose, tokens/ms (congestion-weighted)
+        self.s_now = s_now
+        w = congestion * (s_now or 0.0)
+        self.pen_ar = w * (1.0 / t_ar_now - 1.0 / t_ar) if s_now and t_ar > t_ar_now else 0.0
+        self.pen = {b: (w * (1.0 / t_ar_now - 1.0 / t) if s_now and t > t_ar_now else 0.0) for b, t, _ in self.spec}
+        thr = self.ar_mode[0] * spec_margin - self.pen_ar
+        # block b cannot win while max(1, min(tau, b)) / t_b x _SAFE <= thr + pen_b, i.e. tau <= cap =
+        # (thr + pen_b) t_b / _SAFE where cap < b (no tau when cap < 1: tau(b) is at least 1)
+        caps = [(thr + self.pen[b]) * t / _SAFE for b, t, _ in self.spec]
         if min(caps) < 1.0:
             self.tau_ar = -math.inf
         else:
@@ -439,7 +456,7 @@ def _step_cfg_key(cfg: RouterWeights) -> int:
     """The knobs _blocks, step_times and _Model read, as a number: one per distinct tuple of them, never reused (the
     step memo's key holds this int, not the tuple, which would be hashed again for every replica and decision)."""
     knobs = (cfg.steer_block, tuple(cfg.block_sizes), cfg.batch_slope, cfg.default_step_ms, cfg.spec_cost_ratio,
-             cfg.spec_margin)
+             cfg.spec_margin, cfg.congestion)
     token = _CFG_TOKENS.get(knobs)
     if token is None:
         if len(_CFG_TOKENS) >= 1024:  # bounded; tokens keep counting up, so a forgotten one is never reused
@@ -457,15 +474,46 @@ def _step_model(r: RoutingStats, cfg: RouterWeights, cfg_key: int) -> _Model:
     to decision: a new report or a request counted in changes the key)."""
     key = (r.block_size_default, r.num_running, r.step_ms_ar, r.step_base_ms, r.step_per_token_ms, r.draft_ms,
            tuple(r.step_ms_by_block.items()), r.step_costs.token if r.step_costs is not None else 0, r.step_batch,
-           cfg_key)
+           r.decode_ms, r.decode_rows, r.decode_tokens, cfg_key)
     out = _STEP_MEMO.get(key)
     if out is None:
-        batch, batch_now = r.num_running + 1, max(r.num_running, 1)
         blocks = _blocks(r, cfg)
-        t_ar, t_spec = step_times(r, cfg, batch, blocks)
-        t_ar_now, t_spec_now = (t_ar, t_spec) if batch_now == batch else step_times(r, cfg, batch_now, blocks)
-        out = _STEP_MEMO.put(key, _Model(blocks, t_ar, t_spec, t_ar_now, t_spec_now, cfg.spec_margin))
+        mixed = mixed_step_times(r, blocks)
+        if mixed is not None:
+            t_now, s_now, t_ar, t_spec = mixed
+            out = _Model(blocks, t_ar, t_spec, t_now, {b: t_now for b in blocks}, cfg.spec_margin, s_now,
+                         cfg.congestion)
+        else:
+            batch, batch_now = r.num_running + 1, max(r.num_running, 1)
+            t_ar, t_spec = step_times(r, cfg, batch, blocks)
+            t_ar_now, t_spec_now = (t_ar, t_spec) if batch_now == batch else step_times(r, cfg, batch_now, blocks)
+            out = _Model(blocks, t_ar, t_spec, t_ar_now, t_spec_now, cfg.spec_margin)
+        out = _STEP_MEMO.put(key, out)
     return out
+
+
+def mixed_step_times(r: RoutingStats, blocks: list[int]) -> tuple[float, float, float, dict[int, float]] | None:
+    """(t_now, S, t_ar, {block: t_b}) ms by rows (module docstring, "Mixed steps"): the replica's step now, the
+    tokens it commits per step, and the step with this request added as AR (1 row) or at each block (b rows);
+    None where the replica reports no decode EWMAs or no table with a speculative row. Requests counted in since
+    the report (``num_running`` over ``step_batch``) are taken as AR rows committing one token each; an idle
+    replica (``step_batch`` 0) is read from the table as measured (its EWMAs describe an earlier batch)."""
+    tab = r.step_costs
+    if (tab is None or not tab.blocks or r.decode_ms is None or r.decode_rows is None or r.decode_tokens is None
+            or not r.decode_ms > 0.0 or not r.decode_rows >= 1.0):
+        return None
+    b0 = r.step_batch if r.step_batch is not None else r.num_running
+    if b0 >= 1:
+        rows, toks = r.decode_rows, max(0.0, r.decode_tokens)
+        lo, hi = LIVE_FACTOR
+        f = min(hi, max(lo, r.decode_ms / tab.at_rows(rows)))
+    else:
+        rows, toks, f = 0.0, 0.0, 1.0
+    extra = r.num_running - b0 if r.num_running > b0 else 0
+    rows, toks = rows + extra, toks + extra
+    t_ar = tab.at_rows(rows + 1.0) * f
+    t_now = tab.at_rows(rows) * f if rows > 0.0 else t_ar
+    return t_now, toks, t_ar, {b: tab.at_rows(rows + b) * f for b in blocks}
 
 
 def prepare(replicas: list[RoutingStats], cfg: RouterWeights | None = None) -> list[_Model]:
@@ -571,7 +619,8 @@ def _evaluate(req: RouteRequest, replicas: list[RoutingStats], cfg: RouterWeight
         queue_ms = ahead * decode_ms / (1 if 1 > max_seqs else max_seqs)
         t_now = m.t_spec_now.get(blk, m.t_ar_now) if blk else m.t_ar_now
         if t_step > t_now:
-            loss = num_running * (r.tau_mean if (r.tau_mean and blk) else 1.0) * (1000.0 / t_now - 1000.0 / t_step)
+            others = m.s_now if m.s_now is not None else num_running * (r.tau_mean if (r.tau_mean and blk) else 1.0)
+            loss = others * (1000.0 / t_now - 1000.0 / t_step)
         else:
             loss = 0.0
         queue_ms, loss = w_queue * queue_ms, w_congestion * loss
@@ -622,8 +671,8 @@ def _mode_terms(r: RoutingStats, cfg: RouterWeights, m: _Model, mode: tuple[floa
     queue_ms = ahead * decode_ms / max(r.max_num_seqs, 1)
     # slowdown of the replica's running requests when this one joins the batch
     t_now = m.t_spec_now.get(blk, m.t_ar_now) if blk else m.t_ar_now
-    tau_others = r.tau_mean if (r.tau_mean and blk) else 1.0
-    loss = r.num_running * tau_others * (1000.0 / t_now - 1000.0 / t_step) if t_step > t_now else 0.0
+    others = m.s_now if m.s_now is not None else r.num_running * (r.tau_mean if (r.tau_mean and blk) else 1.0)
+    loss = others * (1000.0 / t_now - 1000.0 / t_step) if t_step > t_now else 0.0
     return cfg.queue * queue_ms, decode_ms, cfg.congestion * loss
 
 
@@ -641,10 +690,15 @@ def _best_mode(req: RouteRequest, r: RoutingStats, cfg: RouterWeights, m: _Model
         b = min(req_spec.block_size, bsd)
         taus = _Taus(tau, bsd)
         tb = taus.at(b)
-        _, ts = step_times(r, cfg, r.num_running + 1, [b])
-        return (tb / ts[b], tb, b), taus.alpha
+        if b in m.t_spec:
+            t = m.t_spec[b]
+        else:
+            mixed = mixed_step_times(r, [b]) if m.s_now is not None else None
+            t = mixed[3][b] if mixed is not None else step_times(r, cfg, r.num_running + 1, [b])[1][b]
+        return (tb / t, tb, b), taus.alpha
     best = None
     alpha = None
+    pen = m.pen
     for b, t, fb in m.spec:  # tau(b), as _Taus.at computes it
         if b == bsd or bsd < 2:
             tb = fb if fb < tau else tau  # max(1.0, min(tau, fb))
@@ -654,11 +708,12 @@ def _best_mode(req: RouteRequest, r: RoutingStats, cfg: RouterWeights, m: _Model
             if alpha is None:
                 alpha = alpha_from_tau(tau, bsd)
             tb = fb if alpha >= 1.0 else (1.0 - alpha**b) / (1.0 - alpha)
-        cand = tb / t
+        cand = tb / t - pen[b]  # the request's rate less what the running sequences lose (0 unless mixed)
         if best is None or cand > best[0]:
             best = (cand, tb, b)
-    if not cfg.steer_spec or probe or best[0] > ar[0] * cfg.spec_margin:
-        return best, alpha
+    if not cfg.steer_spec or probe or best[0] > ar[0] * cfg.spec_margin - m.pen_ar:
+        cand, tb, b = best
+        return (tb / m.t_spec[b], tb, b), alpha
     return ar, alpha
 
 

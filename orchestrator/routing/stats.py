@@ -38,6 +38,13 @@ class RoutingStats:
     # running sequences when the EWMAs above were read (the batch they describe); None = num_running.
     # Requests a router counts in since the report (add_inflight) change num_running, not this
     step_batch: int | None = None
+    # EWMAs over every decode step, mixed or pure (the real engine's; None where a replica does not report them):
+    # ms, target rows (1 per AR sequence, the block per speculative one) and committed tokens per step, at the
+    # batch ``step_batch``. With a step-cost table the scorer then prices a request's block as the rows it adds
+    # to this shared step (score.py, "mixed steps")
+    decode_ms: float | None = None
+    decode_rows: float | None = None
+    decode_tokens: float | None = None
     # the engine's measured step costs (start-up calibration), parsed; None = not measured. Any JSON-form
     # table given here is parsed (StepCostTable.parse)
     step_costs: StepCostTable | None = None
@@ -187,6 +194,9 @@ class RoutingStats:
             step_ms_ar=stats.step_ms_ar,
             step_ms_by_block={int(k): float(v) for k, v in (stats.step_ms_by_block or {}).items()},
             step_batch=int(stats.num_running),
+            decode_ms=_opt_float(getattr(stats, "decode_ms", None)),
+            decode_rows=_opt_float(getattr(stats, "decode_rows", None)),
+            decode_tokens=_opt_float(getattr(stats, "decode_tokens", None)),
             step_costs=StepCostTable.parse(costs) if costs else None,
             tau_by_session={str(k): (float(v[0]), int(v[1])) for k, v in sessions.items()},
             tau_by_role={str(k): (float(v[0]), int(v[1])) for k, v in tags.get("role", {}).items()},
@@ -200,6 +210,11 @@ class RoutingStats:
             spec_available=bool(spec_available),
             updated_at=float(now),
         )
+
+
+def _opt_float(x: Any) -> float | None:
+    """A finite float, or None (not reported / not a number)."""
+    return float(x) if x is not None and _finite(x) else None
 
 
 def _finite(x: Any) -> bool:

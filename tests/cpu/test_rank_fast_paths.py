@@ -27,7 +27,12 @@ def _fleet(rng: random.Random) -> list[RoutingStats]:
                                 step_ms_by_block=rng.choice([{}, {16: ar * rng.uniform(lo, 3.0)}]),
                                 tau_by_session={"s": (tau, rng.choice([0, 3, 500]))},
                                 tau_mean=rng.choice([None, tau, rng.uniform(0.5, 4.0)]),
-                                block_size_default=rng.choice([16, 8, 4])))
+                                block_size_default=rng.choice([16, 8, 4]),
+                                # decode EWMAs: steps priced by rows, the block chosen net of the others' loss
+                                **rng.choice([{}, {"decode_ms": ar * rng.uniform(0.5, 4.0),
+                                                   "decode_rows": rng.uniform(1.0, 200.0),
+                                                   "decode_tokens": rng.uniform(0.0, 40.0),
+                                                   "step_batch": rng.randint(0, 16)}])))
     return out
 
 

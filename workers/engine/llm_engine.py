@@ -241,6 +241,8 @@ class LLMEngine:
         results = self.executor.run(sched.items)
         ms = (time.perf_counter() - t0) * 1e3
         if all(it.kind != "prefill" for it in sched.items):
+            committed = sum(len(r.tokens) for r in results.values() if isinstance(r, SeqResult))
+            self.tracker.record_decode_step(ms, sum(it.num_query for it in sched.items), committed)
             # only pure steps describe a step kind: all AR rows, or every row speculating at one block. A step
             # that mixes AR rows with a speculative row (or blocks cut short at max_tokens) costs neither, and read
             # as a speculative step it made speculation look cheap at high batch (never_slower c16, 2026-12-03)

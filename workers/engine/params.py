@@ -122,6 +122,11 @@ class EngineStats:
     num_waiting: int = 0
     step_ms_ar: float | None = None  # EWMA of one AR decode step
     step_ms_by_block: dict[int, float] = field(default_factory=dict)  # EWMA of a speculative step
+    # EWMAs over every decode step, mixed or pure: ms, target rows (1 per AR sequence, the block per speculative
+    # one), committed tokens; None before the first
+    decode_ms: float | None = None
+    decode_rows: float | None = None
+    decode_tokens: float | None = None
     # per tag key ("session", "role", "team") -> {value: (tau, n_steps)}: tau at ``tau_block`` from the per-position
     # acceptance of every pass, whatever block it ran at (workers/engine/acceptance.py)
     tau_by_tag: dict[str, dict[str, tuple[float, int]]] = field(default_factory=dict)

@@ -19,6 +19,12 @@ class StatsTracker:
         self.ref_block = max(2, int(ref_block if ref_block is not None else max_block))
         self.step_ms_ar: float | None = None
         self.step_ms_by_block: dict[int, float] = {}
+        # every decode step (no prefill in it), mixed or pure: EWMAs of its ms, its target rows (1 per AR sequence,
+        # the block per speculative one) and the tokens it committed; the router prices a request's block as the
+        # rows it adds to this shared step (orchestrator/routing/score.py, "mixed steps")
+        self.decode_ms: float | None = None
+        self.decode_rows: float | None = None
+        self.decode_tokens: float | None = None
         self.accept_by_tag: dict[str, OrderedDict[str, AcceptEntry]] = {}
         self.spec_passes = 0
         self.spec_tokens = 0
@@ -38,6 +44,12 @@ class StatsTracker:
             self.step_ms_ar = self._ewma(self.step_ms_ar, ms)
         else:
             self.step_ms_by_block[block] = self._ewma(self.step_ms_by_block.get(block), ms)
+
+    def record_decode_step(self, ms: float, rows: int, tokens: int) -> None:
+        """Any decode step (no prefill in it): ``rows`` target rows verified or sampled, ``tokens`` committed."""
+        self.decode_ms = self._ewma(self.decode_ms, ms)
+        self.decode_rows = self._ewma(self.decode_rows, float(rows))
+        self.decode_tokens = self._ewma(self.decode_tokens, float(tokens))
 
     def record_pass(self, committed: int) -> None:
         """One decode target pass of one sequence (AR or spec) that committed ``committed`` tokens."""
@@ -75,6 +87,9 @@ class StatsTracker:
             num_waiting=num_waiting,
             step_ms_ar=self.step_ms_ar,
             step_ms_by_block=dict(self.step_ms_by_block),
+            decode_ms=self.decode_ms,
+            decode_rows=self.decode_rows,
+            decode_tokens=self.decode_tokens,
             tau_by_tag=self.tau_by_tag(),
             tau_mean=(tau_from_alpha(alpha_of(self.spec_hits, self.spec_misses), self.ref_block)
                       if self.spec_passes else None),
