@@ -8,7 +8,10 @@ B300 roofline). Each step advances every running sequence: AR commits 1 token; a
 sequence at block B commits 1 + k tokens, k ~ consecutive acceptances with the per-position
 acceptance alpha of (this replica's drafter, the agent's role), capped at B - 1. Replicas report
 EWMA acceptance per session / role / team and step times through RoutingStats every
-`stats_period_s`, which is what the router sees (plus its own in-flight corrections). A replica with
+`stats_period_s`, which is what the router sees (plus its own in-flight corrections). Like the engine, it also
+reports EWMAs over every decode step (no prefill in it), mixed or pure: ms, target rows (1 per AR sequence, the
+block per speculative one) and committed tokens, through the engine's own StatsTracker (alpha 0.1), which the
+router reads to price a request's block as the rows it adds to the shared step. A replica with
 `calibrated` (the default, as served replicas calibrate at start-up) also reports the step-cost table a real
 engine measures (workers/engine/calibrate.py: AR and blocks 4 / 8 / 16 at batches 1 / 4 / 16 on a 64-token
 prompt), read off its step model, so the router scores it through the same measured-cost path.
@@ -31,6 +34,7 @@ from orchestrator.routing.step_costs import StepCostTable
 from workers.engine.acceptance import AcceptEntry, observe, tau_at_ref
 from workers.engine.calibrate import DEFAULT_BATCHES, DEFAULT_BLOCKS, StepCosts
 from workers.engine.params import SpecParams
+from workers.engine.stats import StatsTracker
 
 EWMA = 0.2
 
@@ -98,6 +102,8 @@ class _Replica:
         self.accept_all: AcceptEntry | None = None
         self.step_ms_ar: float | None = None
         self.step_ms_by_block: dict[int, float] = {}
+        # decode-step EWMAs (ms, rows, committed tokens), kept by the engine's own tracker and alpha
+        self.decode = StatsTracker(max_block=spec.block_size)
         self.snapshot: RoutingStats | None = None
         self.snapshot_t = -1.0
         self.kv_trace: list[tuple[float, float]] = []
@@ -114,6 +120,8 @@ class _Replica:
             num_waiting=len(self.waiting), max_num_seqs=self.s.max_num_seqs,
             step_ms_ar=self.step_ms_ar, step_ms_by_block=dict(self.step_ms_by_block),
             step_batch=len(self.running), step_costs=self.step_costs,
+            decode_ms=self.decode.decode_ms, decode_rows=self.decode.decode_rows,
+            decode_tokens=self.decode.decode_tokens,
             tau_by_session=self.taus("session"), tau_by_role=self.taus("role"), tau_by_team=self.taus("team"),
             tau_mean=tau_at_ref(self.accept_all, self.s.block_size) if self.accept_all else None,
             block_size_default=self.s.block_size, spec_available=self.s.spec_available,
@@ -256,12 +264,13 @@ class Simulator:
         if new:
             t += rep.s.step.prefill_s(sum(x.prompt_tokens for x in new))
         rep.busy_until = now + t
-        self._push(now + t, "step_done", (rep, new, decode))
+        self._push(now + t, "step_done", (rep, new, decode, t * 1000))
 
-    def _step_done(self, rep: _Replica, new: list[Req], decode: list[Req], now: float) -> None:
+    def _step_done(self, rep: _Replica, new: list[Req], decode: list[Req], ms: float, now: float) -> None:
         rep.busy_until = None
         for x in new:  # prefill produced the first token
             x.generated, x.t_first, x.passes = 1, now, 1
+        committed = 0
         for x in decode:
             alpha = rep.s.alpha_by_role.get(x.role, rep.s.alpha_default)
             k = 0
@@ -273,6 +282,11 @@ class Simulator:
                 x.spec_tokens += 1 + k
             x.generated += 1 + k
             x.passes += 1
+            committed += 1 + k
+        if decode and not new:  # like the engine: every decode step, mixed or pure, none with a prefill in it;
+            # rows as fed to the target (1 per AR sequence, the block per speculative one), tokens as verified
+            rows = sum(x.spec.block_size if x.spec.enabled else 1 for x in decode)
+            rep.decode.record_decode_step(ms, rows, committed)
         for x in list(rep.running):
             if x.generated >= x.answer_tokens:
                 x.generated = x.answer_tokens
