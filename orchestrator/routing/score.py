@@ -497,23 +497,29 @@ def mixed_step_times(r: RoutingStats, blocks: list[int]) -> tuple[float, float, 
     tokens it commits per step, and the step with this request added as AR (1 row) or at each block (b rows);
     None where the replica reports no decode EWMAs or no table with a speculative row. Requests counted in since
     the report (``num_running`` over ``step_batch``) are taken as AR rows committing one token each; an idle
-    replica (``step_batch`` 0) is read from the table as measured (its EWMAs describe an earlier batch)."""
+    replica (``step_batch`` 0) is read from the table as measured (its EWMAs describe an earlier batch). Values no
+    engine reports give None (not finite, or step times that overflow) or are bounded (more tokens than rows: a row
+    commits at most one token)."""
     tab = r.step_costs
-    if (tab is None or not tab.blocks or r.decode_ms is None or r.decode_rows is None or r.decode_tokens is None
-            or not r.decode_ms > 0.0 or not r.decode_rows >= 1.0):
+    ms, rows, toks = r.decode_ms, r.decode_rows, r.decode_tokens
+    if (tab is None or not tab.blocks or ms is None or rows is None or toks is None
+            or not 0.0 < ms < math.inf or not 1.0 <= rows < math.inf or not -math.inf < toks < math.inf):
         return None
     b0 = r.step_batch if r.step_batch is not None else r.num_running
     if b0 >= 1:
-        rows, toks = r.decode_rows, max(0.0, r.decode_tokens)
+        toks = 0.0 if toks < 0.0 else rows if toks > rows else toks
         lo, hi = LIVE_FACTOR
-        f = min(hi, max(lo, r.decode_ms / tab.at_rows(rows)))
+        f = min(hi, max(lo, ms / tab.at_rows(rows)))
     else:
         rows, toks, f = 0.0, 0.0, 1.0
     extra = r.num_running - b0 if r.num_running > b0 else 0
     rows, toks = rows + extra, toks + extra
     t_ar = tab.at_rows(rows + 1.0) * f
     t_now = tab.at_rows(rows) * f if rows > 0.0 else t_ar
-    return t_now, toks, t_ar, {b: tab.at_rows(rows + b) * f for b in blocks}
+    t_spec = {b: tab.at_rows(rows + b) * f for b in blocks}
+    if not (t_ar < math.inf and all(t < math.inf for t in t_spec.values())):
+        return None
+    return t_now, toks, t_ar, t_spec
 
 
 def prepare(replicas: list[RoutingStats], cfg: RouterWeights | None = None) -> list[_Model]:

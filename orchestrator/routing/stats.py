@@ -20,6 +20,8 @@ from orchestrator.routing.step_costs import StepCostTable
 # block each step ran at (per-position acceptance counts: workers/engine/acceptance.py)
 TauTable = dict[str, tuple[float, int]]
 TAU_TABLES = ("tau_by_session", "tau_by_role", "tau_by_team", "tau_by_constraint", "tau_by_constrained_session")
+# the decode-step EWMAs (ms, rows, tokens): parsed to a finite float or None (``_opt_float``)
+DECODE_EWMAS = ("decode_ms", "decode_rows", "decode_tokens")
 
 
 @dataclass
@@ -129,6 +131,8 @@ class RoutingStats:
             int(k): float(v) for k, v in (d.get("step_ms_by_block") or {}).items() if _finite(v)
         }
         kw["step_costs"] = StepCostTable.parse(d.get("step_costs"))
+        for key in DECODE_EWMAS:  # a finite float or None: a malformed value must not reach a decision
+            kw[key] = _opt_float(d.get(key))
         for key in TAU_TABLES:
             kw[key] = _tau_table(d.get(key) or {})
         kw["cached_sessions"] = frozenset(str(s) for s in (d.get("cached_sessions") or []))
@@ -147,6 +151,8 @@ class RoutingStats:
             int(k): float(v) for k, v in (d.get("step_ms_by_block") or {}).items() if _finite(v)
         }
         kw["step_costs"] = StepCostTable.parse(d.get("step_costs"))
+        for key in DECODE_EWMAS:
+            kw[key] = _opt_float(d.get(key))
         for key in TAU_TABLES:
             raw = d.get(key) or {}
             kw[key] = ReportedTaus(raw) if len(raw) > LAZY_TABLE else _tau_table(raw)
@@ -220,7 +226,7 @@ def _opt_float(x: Any) -> float | None:
 def _finite(x: Any) -> bool:
     try:
         return math.isfinite(float(x))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond a float (JSON allows it)
         return False
 
 

@@ -9,7 +9,7 @@ import random
 import pytest
 
 from orchestrator.routing import score
-from orchestrator.routing.score import RouteRequest, RouterWeights, rank
+from orchestrator.routing.score import RouteRequest, RouterWeights, SpecParams, rank
 from orchestrator.routing.stats import RoutingStats
 
 
@@ -28,11 +28,17 @@ def _fleet(rng: random.Random) -> list[RoutingStats]:
                                 tau_by_session={"s": (tau, rng.choice([0, 3, 500]))},
                                 tau_mean=rng.choice([None, tau, rng.uniform(0.5, 4.0)]),
                                 block_size_default=rng.choice([16, 8, 4]),
-                                # decode EWMAs: steps priced by rows, the block chosen net of the others' loss
+                                # decode EWMAs: steps priced by rows, the block chosen net of the others' loss;
+                                # also rows below 1 (not read), tokens far beyond the rows (bounded by them),
+                                # an idle replica (step_batch 0) and none given (num_running)
                                 **rng.choice([{}, {"decode_ms": ar * rng.uniform(0.5, 4.0),
-                                                   "decode_rows": rng.uniform(1.0, 200.0),
-                                                   "decode_tokens": rng.uniform(0.0, 40.0),
-                                                   "step_batch": rng.randint(0, 16)}])))
+                                                   "decode_rows": rng.choice([rng.uniform(1.0, 200.0),
+                                                                              rng.uniform(0.0, 1.0)]),
+                                                   "decode_tokens": rng.choice([rng.uniform(0.0, 40.0),
+                                                                                rng.uniform(0.0, 1e4)]),
+                                                   "step_batch": rng.choice([rng.randint(0, 16), 0, None])}])))
+        if rng.random() < 0.3:  # requests routed since the report: AR rows counted into the shared step
+            out[-1] = out[-1].with_inflight(rng.randint(1, 4), 100)
     return out
 
 
@@ -58,8 +64,13 @@ def test_the_ar_bound_settles_only_what_the_exact_comparison_settles(monkeypatch
     settled = 0
     for _ in range(1500):
         reps = _fleet(rng)
-        cfg = RouterWeights(explore=rng.choice([0.0, 0.0, 0.3]), spec_margin=rng.choice([0.5, 0.9, 1.05, 1.3]))
-        req = RouteRequest("s", None, None, prompt_tokens=100, max_tokens=rng.choice([1, 128]))
+        cfg = RouterWeights(explore=rng.choice([0.0, 0.0, 0.3]), spec_margin=rng.choice([0.5, 0.9, 1.05, 1.3]),
+                            congestion=rng.choice([1.0, 1.0, 0.0, 3.0]))  # the penalties' weight
+        # the client's explicit choice (a block the model may not hold) and a probe take the exact path
+        asked = rng.choice([None, None, None, SpecParams(enabled=True, block_size=rng.choice([2, 3, 16])),
+                            SpecParams(enabled=False)])
+        req = RouteRequest("s", None, None, prompt_tokens=100, max_tokens=rng.choice([1, 128]), spec_requested=asked,
+                           spec_off_turns=rng.choice([0, 0, 0, 8]))
         score._STEP_MEMO.clear()
         fast = rank(req, reps, cfg)
         settled += sum(score._step_model(r, cfg, score._step_cfg_key(cfg)).tau_ar > 0 for r in reps)
@@ -94,5 +105,9 @@ def test_the_best_speculative_rate_never_falls_as_tau_grows():
         t = rng.uniform(1.0, r.block_size_default)
         taus += [t, math.nextafter(t, 99.0), t + 1e-12, t + 2e-12]
         taus.sort()
-        rates = [score._best_mode(req, r, cfg, m, tau, False)[0][0] for tau in taus]
+        modes = [score._best_mode(req, r, cfg, m, tau, False)[0] for tau in taus]
+        rates = [mode[0] for mode in modes]
         assert all(a <= b for a, b in zip(rates, rates[1:])), (taus, rates)
+        # where steps are priced by rows the block is chosen on its rate less the others' loss: that too never falls
+        nets = [mode[0] - m.pen[mode[2]] for mode in modes]
+        assert all(a <= b for a, b in zip(nets, nets[1:])), (taus, nets)
