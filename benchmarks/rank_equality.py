@@ -2,11 +2,14 @@
 
 ``python -m benchmarks.rank_equality --against 88f3de1 --fleets 3000`` draws random fleets and requests (taus
 below 1 and at the block, speculative steps cheaper than AR, margins 0.5-1.3, client specs, probes, AR-only
-replicas, step-cost tables and none, long tau tables read in place, requests in flight) and compares, field for
-field and float for float, (1) ``score.rank()`` on parsed reports and (2) ``SpecfleetRouter.choose_replicas`` on
-report dicts (its ranks and the RouteDecision written into the call's kwargs), between this tree and the tree of
-``--against`` (``git archive``'d into a temporary directory; the same script runs there with the same seeds).
-A speed-up of the decision path must leave every output equal. Exits 1 on the first difference.
+replicas, step-cost tables and none, long tau tables read in place, requests in flight, the engine's decode-step
+EWMAs and their corners: steps priced by rows, score.py "Mixed steps") and compares, field for field and float for
+float, (1) ``score.rank()`` on parsed reports and (2) ``SpecfleetRouter.choose_replicas`` on report dicts (its ranks
+and the RouteDecision written into the call's kwargs), between this tree and the tree of ``--against``
+(``git archive``'d into a temporary directory; the same script runs there with the same seeds). A speed-up of the
+decision path must leave every output equal. Exits 1 on the first difference. Against a commit before a0d0eec
+(which does not read the decode EWMAs), add ``--no-decode-ewmas``; before cc6399e a malformed decode value in a
+report raises inside a decision.
 """
 from __future__ import annotations
 
@@ -61,6 +64,29 @@ def _report(rng: random.Random, i: int, sessions: list[str], teams: list[str]) -
     }
     if rng.random() < 0.6:
         d["step_costs"] = _table(rng, ar)
+    decode = _decode(rng, running, top, ar)  # drawn whether or not reported: the same fleets either way
+    if DECODE_EWMAS and decode:
+        d.update(decode)
+    return d
+
+
+DECODE_EWMAS = True  # --no-decode-ewmas: reports without them (to compare with a commit before a0d0eec)
+
+
+def _decode(rng: random.Random, running: int, top: int, ar: float) -> dict:
+    """The engine's decode-step EWMAs (score.py, "Mixed steps"): most reports carry them, as the real engine's do;
+    rows from all-AR to all at the drafter's block, tokens up to the rows; and the corners: an idle replica's old
+    EWMAs, rows below 1 (not read), a malformed value (dropped where the report is parsed)."""
+    if rng.random() < 0.25:
+        return {}
+    rows = max(1, running) * rng.uniform(1.0, float(top))
+    d = {"decode_ms": ar * rng.uniform(0.8, 4.0) * (1.0 + rows / 64.0), "decode_rows": rows,
+         "decode_tokens": rows * rng.uniform(0.2, 1.0)}
+    corner = rng.random()
+    if corner < 0.05:
+        d["decode_rows"] = rng.uniform(0.0, 1.0)
+    elif corner < 0.1:
+        d[rng.choice(("decode_ms", "decode_rows", "decode_tokens"))] = rng.choice(("x", float("nan"), float("inf")))
     return d
 
 
@@ -87,6 +113,8 @@ def _weights(rng: random.Random) -> dict:
         w["steer_block"] = False
     if rng.random() < 0.1:
         w["block_sizes"] = [4, 8]
+    if rng.random() < 0.1:
+        w["congestion"] = rng.choice((0.0, 3.0))  # weighs the running sequences' loss, in the block choice too
     return w
 
 
@@ -147,7 +175,11 @@ def main() -> None:
     p.add_argument("--fleets", type=int, default=3000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run-here", action="store_true", help="print this tree's result only")
+    p.add_argument("--no-decode-ewmas", action="store_true",
+                   help="reports without the decode-step EWMAs (commits before a0d0eec do not read them)")
     a = p.parse_args()
+    global DECODE_EWMAS
+    DECODE_EWMAS = not a.no_decode_ewmas
     if a.run_here or not a.against:
         print(run(a.fleets, a.seed))
         return
@@ -161,7 +193,8 @@ def main() -> None:
         Path(tmp, "benchmarks", "__init__.py").write_text("")
         Path(tmp, "benchmarks", "rank_equality.py").write_text(Path(__file__).read_text())
         theirs = subprocess.run([sys.executable, "-m", "benchmarks.rank_equality", "--run-here", "--fleets",
-                                 str(a.fleets), "--seed", str(a.seed)], cwd=tmp, check=True, capture_output=True,
+                                 str(a.fleets), "--seed", str(a.seed)] + ["--no-decode-ewmas"] * a.no_decode_ewmas,
+                                cwd=tmp, check=True, capture_output=True,
                                 text=True, env={**os.environ, "PYTHONPATH": tmp}).stdout.strip()
     print(f"this tree: {mine}\n{a.against}: {theirs}")
     if json.loads(mine) != json.loads(theirs):
