@@ -5,7 +5,9 @@ ServeConfig (router.policy overridden, loopback only), replays the trace (benchm
 through the OpenAI API with streaming — sessions opened with POST /v1/sessions (role, team), turns
 sent with x-session-id, each turn's prompt = the session's whole conversation so far — and records
 per request: arrival, first token, end, tokens, HTTP status, the x-specfleet-replica / -route /
--spec headers; then per-turn acceptance from GET /v1/sessions/{id}. Runs are bounded by
+-spec headers; then per-turn acceptance from GET /v1/sessions/{id}; from /metrics every 2 s, each replica's KV,
+queue and decode-step EWMAs (out/{policy}.metrics.jsonl), and its start-up step-cost table with its decode-step
+EWMAs at the end (out/{policy}.replica_stats.json: benchmarks/replica_stats.py). Runs are bounded by
 --duration-s (sessions not started by then are skipped; in-flight turns are allowed to finish).
 `--concurrency` closed-loop clients each run one agent session at a time.
 
@@ -47,7 +49,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from benchmarks import run_meta
+from benchmarks import replica_stats, run_meta
 from benchmarks.fleet_labels import label_replicas
 from benchmarks.simulator import summarize
 from benchmarks.trials import aggregate, tau_by_replica_role
@@ -116,30 +118,47 @@ async def _turn(client: httpx.AsyncClient, model: str, sid: str, messages: list[
     return "".join(text)
 
 
-async def sample_metrics(client: httpx.AsyncClient, t0: float, out: list, period_s: float = 2.0) -> None:
-    """Per-replica KV headroom and queue gauges from /metrics, every period_s (headroom-over-time plot)."""
-    names = ("specfleet_kv_free_tokens", "specfleet_kv_total_tokens", "specfleet_replica_running",
-             "specfleet_replica_waiting")
+METRIC_NAMES = ("specfleet_kv_free_tokens", "specfleet_kv_total_tokens", "specfleet_replica_running",
+                "specfleet_replica_waiting", *replica_stats.DECODE)
+
+
+async def scrape_metrics(client: httpx.AsyncClient, t0: float, out: list, stats: dict | None = None) -> None:
+    """One /metrics scrape: per-replica KV headroom, queue and decode-step EWMA gauges appended to ``out`` as a
+    row; each replica's step-cost table and decode EWMAs (benchmarks/replica_stats.py) kept in ``stats``
+    ({"t_s", "replicas": {id: ...}}, the latest scrape's per replica). A failed scrape is skipped."""
+    try:
+        text = (await client.get("/metrics")).text
+        t = round(time.perf_counter() - t0, 3)
+        row: dict = {"t": t}
+        for line in text.splitlines():
+            for n in METRIC_NAMES:
+                if line.startswith(n + "{"):
+                    rep = line.split('replica="', 1)[1].split('"', 1)[0]
+                    row.setdefault(rep, {})[n.removeprefix("specfleet_")] = float(line.rsplit(" ", 1)[1])
+        out.append(row)
+        if stats is not None:
+            seen = replica_stats.parse_metrics(text)
+            if seen:
+                stats["t_s"] = t
+                stats.setdefault("replicas", {}).update(seen)
+    except (httpx.HTTPError, IndexError, ValueError):
+        pass
+
+
+async def sample_metrics(client: httpx.AsyncClient, t0: float, out: list, period_s: float = 2.0,
+                         stats: dict | None = None) -> None:
+    """``scrape_metrics`` every period_s (headroom-over-time plot, the replicas' decode steps)."""
     while True:
-        try:
-            text = (await client.get("/metrics")).text
-            row: dict = {"t": round(time.perf_counter() - t0, 3)}
-            for line in text.splitlines():
-                for n in names:
-                    if line.startswith(n + "{"):
-                        rep = line.split('replica="', 1)[1].split('"', 1)[0]
-                        row.setdefault(rep, {})[n.removeprefix("specfleet_")] = float(line.rsplit(" ", 1)[1])
-            out.append(row)
-        except (httpx.HTTPError, IndexError, ValueError):
-            pass
+        await scrape_metrics(client, t0, out, stats)
         await asyncio.sleep(period_s)
 
 
 async def replay(base_url: str, model: str, sessions, concurrency: int, duration_s: float,
                  api_key: str | None = None, metrics_log: list | None = None,
-                 extra_body: dict | None = None) -> list[Measured]:
+                 extra_body: dict | None = None, stats: dict | None = None) -> list[Measured]:
     """Closed loop: `concurrency` clients, each running the next session of the trace until the trace or
-    `duration_s` runs out. ``extra_body``: fields added to every chat request (e.g. the `spec` extension)."""
+    `duration_s` runs out. ``extra_body``: fields added to every chat request (e.g. the `spec` extension).
+    ``metrics_log`` / ``stats``: filled by ``sample_metrics`` during the run and one last scrape at its end."""
     metrics_log = [] if metrics_log is None else metrics_log
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=concurrency * 2 + 4)
@@ -178,9 +197,10 @@ async def replay(base_url: str, model: str, sessions, concurrency: int, duration
             while queue and time.perf_counter() - t0 < duration_s:
                 await run_session(queue.pop(0))
 
-        sampler = asyncio.create_task(sample_metrics(client, t0, metrics_log))
+        sampler = asyncio.create_task(sample_metrics(client, t0, metrics_log, stats=stats))
         await asyncio.gather(*[worker() for _ in range(concurrency)])
         sampler.cancel()
+        await scrape_metrics(client, t0, metrics_log, stats)  # the replicas' EWMAs as the run ends
         # per-turn acceptance from the session registry
         for sid in {r.server_session for r in records}:
             hist = (await client.get(f"/v1/sessions/{sid}")).json().get("replica_history", [])
@@ -294,7 +314,9 @@ def serve_and_replay(name: str, cfg: dict, trace, concurrency: int, duration_s: 
                      port: int, startup_timeout_s: float, omp_threads: int | None = 1,
                      extra_body: dict | None = None) -> dict:
     """Start `specfleet serve` with ``cfg`` (loopback, port, a fresh SQLite), replay ``trace``, stop it. Writes
-    out/{name}.yaml, .serve.log, .requests.jsonl, .metrics.jsonl, .summary.json; returns the summary."""
+    out/{name}.yaml, .serve.log, .requests.jsonl, .metrics.jsonl, .replica_stats.json (each replica's start-up
+    step-cost table and decode-step EWMAs at the end: benchmarks/replica_stats.py), .summary.json; returns the
+    summary."""
     cfg = json.loads(json.dumps(cfg))
     cfg.setdefault("http", {}).update(host="127.0.0.1", port=port)
     cfg.setdefault("persistence", {})["sqlite_path"] = str(out / f"{name}.sqlite")
@@ -325,9 +347,11 @@ def serve_and_replay(name: str, cfg: dict, trace, concurrency: int, duration_s: 
     try:
         print(f"[{name}] server ready; replaying {len(trace)} sessions at concurrency {concurrency}", flush=True)
         samples: list = []
+        stats: dict = {}
         t_start = time.time()
         recs = asyncio.run(replay(base, cfg.get("model", {}).get("name", "specfleet-demo"), trace,
-                                  concurrency, duration_s, metrics_log=samples, extra_body=extra_body))
+                                  concurrency, duration_s, metrics_log=samples, extra_body=extra_body,
+                                  stats=stats))
         wall = time.time() - t_start
     finally:
         _stop(proc)
@@ -338,6 +362,7 @@ def serve_and_replay(name: str, cfg: dict, trace, concurrency: int, duration_s: 
     with open(out / f"{name}.metrics.jsonl", "w") as f:
         for row in samples:
             f.write(json.dumps(row) + "\n")
+    replica_stats.save(out / f"{name}.replica_stats.json", stats.get("replicas", {}), stats.get("t_s"))
     labels, ambiguous = label_replicas(ServeConfig.model_validate(cfg), samples)
     summary = summarize(recs)
     summary["wall_s"] = round(wall, 1)

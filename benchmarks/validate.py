@@ -6,8 +6,11 @@ Per trial the simulator (benchmarks/simulator.py) is given:
 * the fleet of each policy's own ServeConfig (its router weights: the baselines' pinned speculation too), its
   replicas matched to the run's by KV capacity (benchmarks/fleet_labels.py), KV tokens from the run's /metrics;
 * step costs: `--step-costs` (benchmarks/calibrate.py's table, measured on a quiet machine: real engines; one
-  file for every replica, or one per drafter, matched by the drafter path the file records), or the mock's own
-  step model (mock engines);
+  file for every replica, or one per drafter, matched by the drafter path the file records); without it, each
+  replica's own start-up calibration as the `--fit-on` run saved it (`{fit_on}.replica_stats.json`:
+  benchmarks/replica_stats.py; decode steps at the calibration's 64-token context, the same at every context;
+  prefill as `--prefill-ms-per-token` / `--prefill-ms-fixed` say, 0 by default: the start-up calibration does not
+  time it, so the fitted per-turn overhead then carries it); the mock's own step model (mock engines);
 * acceptance per (replica, role): `--acceptance LABEL=PATH` (benchmarks/acceptance.py JSONs, matched to the fleet
   entries by drafter path), else measured on the `--fit-on` run (every replica sees every role under pow2);
 * the trace with each turn's measured prompt and completion lengths.
@@ -30,7 +33,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks import run_meta
+from benchmarks import replica_stats, run_meta
 from benchmarks.acceptance_tables import Acceptance, parse_spec
 from benchmarks.fleet_labels import entries, kv_by_replica
 from benchmarks.simulator import ReplicaSpecSim, Simulator, sessions_from_trace, summarize
@@ -188,14 +191,29 @@ def simulate(cfg: ServeConfig, policy: str, sessions, kv_tokens, alphas, step, c
     return {k: statistics.mean(r[k] for r in runs) for k in ("goodput_tps", "ttft_p50_s", "tpot_p50_ms")}
 
 
+def run_step_models(d: Path, fit_on: str, pos_of: dict[str, int], prefill: tuple[float, float] = (0.0, 0.0)
+                    ) -> dict[int, object]:
+    """{fleet position: step model} from the start-up tables the ``fit_on`` run saved (benchmarks/replica_stats.py),
+    each replica's own; prefill (ms per token, fixed ms) as given. ValueError when the run saved none."""
+    saved = d / f"{fit_on}.replica_stats.json"
+    if not saved.is_file():
+        raise ValueError(f"real engines need --step-costs (benchmarks/calibrate.py) or the run's saved start-up "
+                         f"tables ({saved} not found: router_compare / never_slower runs save them)")
+    models = replica_stats.step_models(saved, list(pos_of), *prefill)
+    return {pos_of[rid]: m for rid, m in models.items()}
+
+
 def validate_trial(name: str, d: Path, policies: list[str], fit_on: str, steps: list[tuple[str | None, object]],
                    accs: list[Acceptance], fit_contention: bool, seeds: int, concurrency: int | None,
-                   trace_path: str | None = None) -> dict:
+                   trace_path: str | None = None, prefill: tuple[float, float] = (0.0, 0.0)) -> dict:
     _, trace = load(trace_path or d / "trace.jsonl")
     fit_cfg, fit_recs, fit_metrics = load_run(d, fit_on)
-    base_step = steps_for_fleet(fit_cfg, steps)
     pos_of, kv_tokens = positions(fit_cfg, fit_metrics)
     names = sorted(pos_of, key=pos_of.get)
+    if steps or fit_cfg.engine == "mock":
+        base_step = steps_for_fleet(fit_cfg, steps)
+    else:
+        base_step = run_step_models(d, fit_on, pos_of, prefill)
     if fit_cfg.engine == "mock":
         alphas, alpha_src = None, "the mock profile"
     elif accs:
@@ -232,6 +250,8 @@ def validate_trial(name: str, d: Path, policies: list[str], fit_on: str, steps: 
         print(f"{name:10s} {policy:16s} measured {meas['goodput_tps']:8.2f} tok/s  simulated {sim['goodput_tps']:8.2f}"
               f"  error {100 * err:+.1f}%{'' if policy != fit_on else '  (fit-on run)'}", flush=True)
     return {"trial": name, "rows": rows, "overhead_s": round(overhead, 4), "contention_factor": round(factor, 4),
+            "step_costs_from": (sorted({m.source for m in base_step.values()}) if base_step
+                                else ["the mock's own step model"]),
             "alphas": {str(k): v for k, v in (alphas or {}).items()}, "acceptance_from": alpha_src,
             "kv_tokens": kv_tokens, "concurrency": conc}
 
@@ -252,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run", required=True, help="router_compare output folder")
     ap.add_argument("--step-costs", action="append", default=[], help="benchmarks/calibrate.py JSON (or a "
                     "LinearStepModel JSON); real engines; one for all replicas, or repeat: one per drafter")
+    ap.add_argument("--prefill-ms-per-token", type=float, default=0.0, help="prefill cost where the step costs "
+                    "come from the run's saved start-up tables (no --step-costs; they do not time prefill)")
+    ap.add_argument("--prefill-ms-fixed", type=float, default=0.0, help="fixed ms per prefill step, likewise")
     ap.add_argument("--acceptance", action="append", default=[], metavar="LABEL=PATH[#KEY]",
                     help="acceptance JSON of one drafter (benchmarks/acceptance.py), matched to the fleet by drafter "
                     "path; default: measured on the --fit-on run")
@@ -264,16 +287,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="write the validation JSON here")
     a = ap.parse_args(argv)
     m = run_meta.meta("benchmarks.validate", argv)
+    if not (a.prefill_ms_per_token >= 0 and a.prefill_ms_fixed >= 0):  # NaN too
+        ap.error("--prefill-ms-per-token and --prefill-ms-fixed must be >= 0")
     try:
         steps = [(json.loads(Path(f).read_text()).get("drafter"), load_step_model(f)) for f in a.step_costs]
         accs = [parse_spec(x) for x in a.acceptance]
         trials = [validate_trial(name, d, a.policies.split(","), a.fit_on, steps, accs, a.fit_contention,
-                                 a.seeds, a.concurrency, a.trace) for name, d in trial_dirs(Path(a.run))]
+                                 a.seeds, a.concurrency, a.trace, (a.prefill_ms_per_token, a.prefill_ms_fixed))
+                  for name, d in trial_dirs(Path(a.run))]
     except (ValueError, OSError, KeyError) as exc:
         ap.error(str(exc))
     summary = {"kind": "validation", "meta": run_meta.finish(m), "run": a.run, "fit_on": a.fit_on,
                "fit_contention": a.fit_contention, "goal_pct": GOAL_PCT,
-               "step_costs_source": [m.source for _, m in steps] or "the mock's own step model",
+               "step_costs_source": [m.source for _, m in steps] or sorted({s for t in trials
+                                                                           for s in t["step_costs_from"]}),
+               # the prefill line given for the runs' saved start-up tables (None: not used)
+               "prefill_ms": ({"per_token": a.prefill_ms_per_token, "fixed": a.prefill_ms_fixed}
+                              if not steps and any(s.endswith("start-up calibration") for t in trials
+                                                   for s in t["step_costs_from"]) else None),
                "acceptance_source": sorted({t["acceptance_from"] for t in trials}), "trials": trials,
                "by_policy": by_policy(trials)}
     for p, e in summary["by_policy"].items():

@@ -20,6 +20,7 @@ routers reach it through this module object (pickled by reference), as with rout
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from typing import Any, Protocol
 
 from orchestrator.kernel_status import CpuKernelStatus
 from orchestrator.routing.stats import RoutingStats
+from orchestrator.routing.step_costs import StepCostTable
 
 
 @dataclass
@@ -143,19 +145,30 @@ class ReplicaDirectory(Protocol):
 
 FLEET_FIELDS = ("kv_free_tokens", "kv_total_tokens", "vram_free_bytes", "vram_total_bytes", "gpu_count",
                 "num_running", "num_waiting", "max_num_seqs", "step_ms_ar", "updated_at")
+# the engine's decode-step EWMAs (ms, target rows, committed tokens per step): a finite float, else left None
+DECODE_FIELDS = ("decode_ms", "decode_rows", "decode_tokens")
 
 
 def fleet_stats(replica_id: str, d: dict[str, Any]) -> RoutingStats | None:
     """The part of a routing-stats report the fleet view needs (not the per-session tau tables, which
-    can hold thousands of entries: this runs on the ingress's request path)."""
+    can hold thousands of entries: this runs on the ingress's request path): headroom, step times, the decode-step
+    EWMAs and the start-up step-cost table (both shown per replica in /metrics)."""
     if not d:
         return None
     try:
         st = RoutingStats(replica_id, **{k: d[k] for k in FLEET_FIELDS if d.get(k) is not None})
         st.step_ms_by_block = {int(k): float(v) for k, v in (d.get("step_ms_by_block") or {}).items()}
-        return st
     except (TypeError, ValueError):
         return None
+    for k in DECODE_FIELDS:
+        v = d.get(k)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            setattr(st, k, float(v))
+    try:  # parsed once per report (the directory's cache), interned; a malformed table reads as not measured
+        st.step_costs = StepCostTable.parse(d.get("step_costs"))
+    except ValueError:
+        st.step_costs = None
+    return st
 
 
 class RouterRegistry:

@@ -3,8 +3,8 @@
 Per replica, from what each stream reports: accepted length per target pass (histogram), tokens,
 decode speed, KV and VRAM headroom, queue depth; per route reason: decisions; per endpoint: requests
 by HTTP status (every response) and latency; turns by outcome. From the fleet view at every scrape: replicas,
-nodes, and per replica its engine's start-up CPU-kernel self-check. A private registry per server keeps tests
-independent.
+nodes, and per replica its engine's start-up CPU-kernel self-check, its decode-step EWMAs and its start-up step-cost
+table. A private registry per server keeps tests independent.
 """
 from __future__ import annotations
 
@@ -75,6 +75,20 @@ class Metrics:
         self.kernel_rel_err = Gauge("specfleet_cpu_kernel_check_rel_err", "Worst relative logits error, CPU "
                                     "kernels vs the torch path, in the replica's start-up self-check", ["replica"],
                                     registry=r)
+        # per live replica, what its engine reports of its decode steps (the router prices blocks by rows from
+        # these: orchestrator/routing/score.py, "Mixed steps"): EWMAs over every decode step, and the step-cost
+        # table it measured at start-up (workers/engine/calibrate.py); benchmarks/router_compare.py saves them
+        self.decode_step_ms = Gauge("specfleet_replica_decode_step_ms", "EWMA of the replica's decode step (every "
+                                    "decode step, AR and speculative rows mixed; no prefill in it), ms",
+                                    ["replica"], registry=r)
+        self.decode_step_rows = Gauge("specfleet_replica_decode_step_rows", "EWMA of the target rows of a decode "
+                                      "step (1 per AR sequence, the block per speculative one)", ["replica"],
+                                      registry=r)
+        self.decode_step_tokens = Gauge("specfleet_replica_decode_step_tokens", "EWMA of the tokens a decode step "
+                                        "commits", ["replica"], registry=r)
+        self.step_cost = Gauge("specfleet_replica_step_cost_ms", "The replica's start-up step-cost calibration: ms "
+                               "of one decode step of `batch` sequences at `block` (1 = the AR step)",
+                               ["replica", "block", "batch"], registry=r)
         self.refused = Counter("specfleet_admission_refused", "Requests refused by fleet admission "
                                "(fleet_capacity: 429, no_replica: 503)", ["reason"], registry=r)
         self.tool_calls = Counter("specfleet_tool_calls", "Tool calls returned to clients", registry=r)
@@ -142,6 +156,28 @@ class Metrics:
         for node in view.lost_nodes:
             self.node_lost.labels(node).set(1)
         self.kernels(view.live)
+        self.decode_steps(view.live)
+
+    def decode_steps(self, live) -> None:
+        """The decode-step gauges of the live replicas (orchestrator.fleet.ReplicaSeen; gone ones vanish)."""
+        for g in (self.decode_step_ms, self.decode_step_rows, self.decode_step_tokens, self.step_cost):
+            g.clear()
+        for rep in live:
+            st = rep.stats
+            if st is None:
+                continue
+            for g, v in ((self.decode_step_ms, st.decode_ms), (self.decode_step_rows, st.decode_rows),
+                         (self.decode_step_tokens, st.decode_tokens)):
+                if v is not None:
+                    g.labels(rep.replica_id).set(v)
+            tab = st.step_costs
+            if tab is None:
+                continue
+            for batch, ms in zip(*tab.ar):
+                self.step_cost.labels(rep.replica_id, "1", str(batch)).set(ms)
+            for block, (batches, row) in tab.spec.items():
+                for batch, ms in zip(batches, row):
+                    self.step_cost.labels(rep.replica_id, str(block), str(batch)).set(ms)
 
     def kernels(self, live) -> None:
         """The CPU-kernel gauges of the live replicas (orchestrator.fleet.ReplicaSeen; gone ones vanish)."""
