@@ -5,8 +5,11 @@ Per replica: a KV pool reserved at admission (prompt + max_tokens, as the engine
 HTTP 429), `max_num_seqs` running slots, Serve's `max_ongoing_requests` cap (beyond it requests wait
 in the router), and a step-cost model (benchmarks/stepmodel.py: fitted on this machine, or the
 B300 roofline). Each step advances every running sequence: AR commits 1 token; a speculative
-sequence at block B commits 1 + k tokens, k ~ consecutive acceptances with the per-position
-acceptance alpha of (this replica's drafter, the agent's role), capped at B - 1. Replicas report
+sequence at block B (cut at the tokens it has left before max_tokens, as the engine's scheduler does; cut to 1
+it is an AR step) commits 1 + k tokens, k ~ consecutive acceptances with the per-position
+acceptance alpha of (this replica's drafter, the agent's role), capped at B - 1. A step is one target forward
+over every sequence's rows, as the engine runs it: its step model's decode_s over the blocks (pure steps at
+their ar_s / spec_s, mixed ones by their rows; benchmarks/stepmodel.py), plus the prefill of new prompts. Replicas report
 EWMA acceptance per session / role / team and step times through RoutingStats every
 `stats_period_s`, which is what the router sees (plus its own in-flight corrections). Like the engine, it also
 reports EWMAs over every decode step (no prefill in it), mixed or pure: ms, target rows (1 per AR sequence, the
@@ -42,7 +45,7 @@ EWMA = 0.2
 @dataclass
 class ReplicaSpecSim:
     name: str
-    step: object  # a StepModel: ar_s(batch, ctx), spec_s(batch, block, ctx), prefill_s(tokens)
+    step: object  # a StepModel: ar_s(batch, ctx), spec_s(batch, block, ctx), decode_s(blocks, ctx), prefill_s(tokens)
     kv_total_tokens: int
     alpha_by_role: dict[str, float] = field(default_factory=dict)  # per-position acceptance of its drafter
     alpha_default: float = 0.6
@@ -83,6 +86,7 @@ class Req:
     passes: int = 0
     spec_passes: int = 0
     spec_tokens: int = 0
+    block_now: int = 1  # its block in the current decode step (the engine's decode_block; 1 = AR)
     t_first: float | None = None
     t_done: float | None = None
     status: int = 0  # 200 done, 429 no capacity
@@ -247,20 +251,18 @@ class Simulator:
             new.append(x)
         decode = [x for x in rep.running if x not in new]
         ctx = int(sum(x.prompt_tokens + x.generated for x in rep.running) / max(1, len(rep.running)))
-        spec = [x for x in decode if x.spec.enabled]
-        ar = [x for x in decode if not x.spec.enabled]
-        t = 0.0
-        blocks = {x.spec.block_size for x in spec}
-        for b in blocks:
-            n_b = sum(1 for x in spec if x.spec.block_size == b)
-            t_b = rep.s.step.spec_s(n_b + len(ar), b, ctx)  # one verify pass carries the AR rows too
-            if not ar and len(blocks) == 1 and not new:  # like the engine: pure steps only are recorded
-                rep.step_ms_by_block[b] = _ew(rep.step_ms_by_block.get(b), t_b * 1000 * 1.0)
-            t = max(t, t_b)
-        if ar and not spec:
-            t = rep.s.step.ar_s(len(ar), ctx)
-            if not new:
+        for x in decode:  # the engine's scheduler: never draft past max_tokens; a block cut to 1 is an AR step
+            x.block_now = max(1, min(x.spec.block_size, x.max_tokens - x.generated)) if x.spec.enabled else 1
+        blocks = [x.block_now for x in decode]
+        # one target forward over every row (workers/engine/step.py): priced by the step model as a whole step
+        t = rep.s.step.decode_s(blocks, ctx) if decode else 0.0
+        spec_blocks = {b for b in blocks if b > 1}
+        if decode and not new:  # like the engine: pure steps only describe a step kind
+            if not spec_blocks:
                 rep.step_ms_ar = _ew(rep.step_ms_ar, t * 1000)
+            elif len(spec_blocks) == 1 and min(blocks) > 1:
+                b = spec_blocks.pop()
+                rep.step_ms_by_block[b] = _ew(rep.step_ms_by_block.get(b), t * 1000)
         if new:
             t += rep.s.step.prefill_s(sum(x.prompt_tokens for x in new))
         rep.busy_until = now + t
@@ -274,10 +276,10 @@ class Simulator:
         for x in decode:
             alpha = rep.s.alpha_by_role.get(x.role, rep.s.alpha_default)
             k = 0
-            if x.spec.enabled:
-                while k < x.spec.block_size - 1 and self.rng.random() < alpha:
+            if x.block_now > 1:
+                while k < x.block_now - 1 and self.rng.random() < alpha:
                     k += 1
-                rep.record_pass(x, x.spec.block_size - 1, k)
+                rep.record_pass(x, x.block_now - 1, k)
                 x.spec_passes += 1
                 x.spec_tokens += 1 + k
             x.generated += 1 + k
@@ -285,7 +287,7 @@ class Simulator:
             committed += 1 + k
         if decode and not new:  # like the engine: every decode step, mixed or pure, none with a prefill in it;
             # rows as fed to the target (1 per AR sequence, the block per speculative one), tokens as verified
-            rows = sum(x.spec.block_size if x.spec.enabled else 1 for x in decode)
+            rows = sum(x.block_now for x in decode)
             rep.decode.record_decode_step(ms, rows, committed)
         for x in list(rep.running):
             if x.generated >= x.answer_tokens:

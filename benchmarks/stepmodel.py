@@ -7,6 +7,21 @@
   t_ar(b) = a0 + a1*b ;  t_spec(b, B) = s0 + s1*b*B (draft + verify) ;  prefill = p1 * tokens.
 * ``RooflineStepModel``: cluster.planning.roofline (HBM bandwidth / FLOP/s / NVLink all-reduce) for a model,
   a drafter and a TP degree on a node profile, e.g. the DGX B300.
+
+Each also prices a whole decode step as the engine runs it (workers/engine/step.py: one target forward over the
+flat batch of every sequence's rows, 1 per AR sequence, the block per speculative one; one drafter pass for the
+speculative ones): ``decode_s(blocks, ctx)``, ``blocks`` = each sequence's block this step (1 = AR). A pure step
+(every sequence at one block) costs exactly ``ar_s`` / ``spec_s``; a step that mixes blocks costs its rows:
+
+* Linear: pure costs are already lines in the rows (a1 per AR row, s1 per verified row), so a step with any
+  speculative sequence costs s0 + s1 x rows, an AR-only one a0 + a1 x rows.
+* Table: pure costs are the measured (batch, block) entries, which are not one function of rows (2026-12-03, CPU:
+  16 rows cost 20.8 ms as 1 x block 16, 22.1 ms as 4 x block 4, 21.1 ms as 16 AR), so pure steps keep them and a
+  mixed step reads ``rows_s``: every measured entry as a point at its rows, equal rows averaged, piecewise linear
+  (orchestrator/routing/step_costs.py ``StepCostTable.at_rows``, the router's reading), then over context.
+* Roofline: the target forward is a function of its rows (weights touched, FLOPs, communication) and of its
+  sequences (KV read), cluster.planning.roofline.target_rows_step; the drafter runs once over the speculative
+  sequences, padded to their largest block (workers/speculative/dflash.py). Pure steps give ar_s / spec_s exactly.
 """
 from __future__ import annotations
 
@@ -30,6 +45,14 @@ class LinearStepModel:
     def spec_s(self, batch: int, block: int, ctx: int = 0) -> float:
         return self.s0 + self.s1 * batch * block
 
+    def decode_s(self, blocks: list[int], ctx: int = 0) -> float:
+        """One decode step of sequences at these blocks (1 = AR): its rows on the AR line when every sequence is
+        AR, else on the speculative line (one drafter + verify pass carries the AR rows too)."""
+        if not blocks:
+            return 0.0
+        rows = sum(blocks)
+        return self.a0 + self.a1 * rows if all(b <= 1 for b in blocks) else self.s0 + self.s1 * rows
+
     def prefill_s(self, tokens: int) -> float:
         return self.p1 * tokens
 
@@ -44,6 +67,14 @@ class LinearStepModel:
         """The same shape, `factor` times slower (e.g. cores shared by co-located replicas)."""
         return LinearStepModel(self.a0 * factor, self.a1 * factor, self.s0 * factor, self.s1 * factor,
                                self.p1 * factor, self.source + f" x{factor:g}")
+
+
+def pure_step(blocks: list[int]) -> tuple[int, int] | None:
+    """(batch, block) when every sequence runs one block (block 1: all AR), else None (a mixed step)."""
+    if not blocks:
+        return None
+    b = blocks[0]
+    return (len(blocks), b) if all(x == b for x in blocks) else None
 
 
 def interp(xs: list[float], ys: list[float], x: float) -> float:
@@ -89,6 +120,18 @@ class TableStepModel:
                 raise ValueError(f"the step table at context {c} has no AR costs")
             self._ar[c] = _row(t["ar_ms"])
             self._spec[c] = {int(k): _row(v) for k, v in (t.get("spec_ms") or {}).items() if v}
+        self._rows = {c: self._rows_curve(c) for c in self._ctx}
+
+    def _rows_curve(self, c: int) -> tuple[list[int], list[float]]:
+        """Every entry measured at context c as (rows = batch x block, ms); equal rows averaged."""
+        pts: dict[int, list[float]] = {}
+        for b, ms in zip(*self._ar[c]):
+            pts.setdefault(b, []).append(ms)
+        for k, (bs, ms_row) in self._spec[c].items():
+            for b, ms in zip(bs, ms_row):
+                pts.setdefault(b * k, []).append(ms)
+        xs = sorted(pts)
+        return xs, [sum(pts[x]) / len(pts[x]) for x in xs]
 
     def _at_ctx(self, ctx: int, cost) -> float:
         ys = [cost(c) for c in self._ctx]
@@ -108,6 +151,21 @@ class TableStepModel:
             return interp(xs, ys, block)
 
         return self._at_ctx(ctx, cost)
+
+    def rows_s(self, rows: int, ctx: int = 0) -> float:
+        """A decode step of ``rows`` target rows, whatever mix of AR and speculative sequences makes them."""
+        return self._at_ctx(ctx, lambda c: interp(*self._rows[c], max(1, rows)))
+
+    def decode_s(self, blocks: list[int], ctx: int = 0) -> float:
+        """One decode step of sequences at these blocks (1 = AR): a pure step at its measured (batch, block)
+        cost, a mixed one at its rows."""
+        if not blocks:
+            return 0.0
+        pure = pure_step(blocks)
+        if pure is None:
+            return self.rows_s(sum(blocks), ctx)
+        batch, block = pure
+        return self.ar_s(batch, ctx) if block <= 1 else self.spec_s(batch, block, ctx)
 
     def prefill_s(self, tokens: int) -> float:
         if tokens <= 0:
@@ -177,6 +235,20 @@ class RooflineStepModel:
         t = target_step(self.model, self.node, self.tp, max(1, batch), block, max(1, ctx)).total_s
         if self.drafter is not None:
             t += drafter_step(self.drafter, self.model, self.node, self.tp, max(1, batch), block, max(1, ctx)).total_s
+        return t
+
+    def decode_s(self, blocks: list[int], ctx: int = 1024) -> float:
+        """One decode step of sequences at these blocks (1 = AR): one target forward over all their rows and KV,
+        plus one drafter pass over the speculative sequences at their largest block (pure: ar_s / spec_s)."""
+        from cluster.planning.roofline import drafter_step, target_rows_step
+
+        if not blocks:
+            return 0.0
+        ctx = max(1, ctx)
+        t = target_rows_step(self.model, self.node, self.tp, sum(blocks), len(blocks), ctx).total_s
+        spec = [b for b in blocks if b > 1]
+        if spec and self.drafter is not None:
+            t += drafter_step(self.drafter, self.model, self.node, self.tp, len(spec), max(spec), ctx).total_s
         return t
 
     def prefill_s(self, tokens: int) -> float:

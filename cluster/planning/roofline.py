@@ -78,12 +78,20 @@ def kv_read_bytes(model: ModelSpec, tp: int, batch: int, context: int) -> float:
 def target_step(model: ModelSpec, node: NodeProfile, tp: int, batch: int, tokens_per_seq: int,
                 context: int) -> StepTime:
     """One forward of `batch` sequences x `tokens_per_seq` new tokens each, over `context` cached tokens."""
-    n = batch * tokens_per_seq
+    return target_rows_step(model, node, tp, batch * tokens_per_seq, batch, context)
+
+
+def target_rows_step(model: ModelSpec, node: NodeProfile, tp: int, rows: int, sequences: int,
+                     context: int) -> StepTime:
+    """One forward of `rows` new tokens spread over `sequences` sequences of `context` cached tokens each: the
+    engine's flat batch, which may mix AR sequences (1 row) and speculative ones (their block). Weights touched,
+    FLOPs and communication follow the rows, the KV read follows the sequences."""
+    n = rows
     dense = (model.num_layers * model.dense_layer_params + model.lm_head_params) * model.weight_bytes
     touched = experts_touched(model.num_experts, model.experts_per_token, n)
     experts = model.num_layers * touched * model.expert_params * model.expert_bytes
     weights = (dense + experts) / tp
-    kv = kv_read_bytes(model, tp, batch, context)
+    kv = kv_read_bytes(model, tp, sequences, context)
     q_dim = model.num_heads * model.head_dim
     attn_ctx = model.num_full_layers * context + model.num_sliding_layers * min(context, model.sliding_window or context)
     flops = (2 * n * model.active_params + 4 * n * q_dim * attn_ctx) / tp

@@ -48,7 +48,8 @@ def test_a_mixed_step_reports_its_rows_tokens_and_ms():
     ms = _one_step(sim)
     st = rep.stats(1.0)
     assert (st.decode_rows, st.decode_tokens) == (pytest.approx(3 + 4), pytest.approx(3 + 4))
-    assert st.decode_ms == pytest.approx(ms) and ms == pytest.approx(STEP.spec_s(4, 4) * 1000)
+    # one forward over the step's 7 rows on the speculative line (not 4 sequences each verifying a block of 4)
+    assert st.decode_ms == pytest.approx(ms) and ms == pytest.approx((STEP.s0 + STEP.s1 * 7) * 1000)
     # with no acceptance the block still costs its rows; it commits one token
     sim0 = _sim(alpha=0.0)
     sim0.reps[0].running = [_req(1, None), _req(2, 8)]
