@@ -9,7 +9,9 @@ and the RouteDecision written into the call's kwargs), between this tree and the
 (``git archive``'d into a temporary directory; the same script runs there with the same seeds). A speed-up of the
 decision path must leave every output equal. Exits 1 on the first difference. Against a commit before a0d0eec
 (which does not read the decode EWMAs), add ``--no-decode-ewmas``; before cc6399e a malformed decode value in a
-report raises inside a decision.
+report raises inside a decision. Requests in flight carry the rows and tokens per step the router decided for them
+(score.step_share); against a commit before that (every request in flight one AR row), add ``--no-inflight-rows``:
+this tree then records every request in flight as (1 row, 1 token), which must give the older tree's results.
 """
 from __future__ import annotations
 
@@ -71,6 +73,24 @@ def _report(rng: random.Random, i: int, sessions: list[str], teams: list[str]) -
 
 
 DECODE_EWMAS = True  # --no-decode-ewmas: reports without them (to compare with a commit before a0d0eec)
+INFLIGHT_ROWS = True  # --no-inflight-rows: requests in flight as AR rows (a commit before score.step_share)
+
+
+def _inflight(rng: random.Random, st, spec_params):
+    """A parsed report with requests counted in since it, drawn the same whatever the flags: with the rows and
+    tokens decided for them (blocks, taus beyond the block), without them (AR rows), or none."""
+    if rng.random() >= 0.3:
+        return st
+    n, kv = rng.randint(1, 6), rng.randint(0, 5_000)
+    blocks = [rng.choice((1, 2, 4, 8, 16)) for _ in range(n)]
+    taus = [rng.choice((1.0, rng.uniform(0.5, 17.0))) for _ in range(n)]
+    decided = rng.random() < 0.7
+    if not (INFLIGHT_ROWS and decided):
+        return st.with_inflight(n, kv)
+    from orchestrator.routing.score import step_share
+
+    shares = [step_share(spec_params(enabled=b > 1, block_size=max(b, 2)), t) for b, t in zip(blocks, taus)]
+    return st.with_inflight(n, kv, sum(r for r, _ in shares), sum(t for _, t in shares))
 
 
 def _decode(rng: random.Random, running: int, top: int, ar: float) -> dict:
@@ -129,10 +149,16 @@ def _choice(c) -> list:
 
 def run(fleets: int, seed: int) -> str:
     """This tree's outputs on the seeded fleets, hashed, and how many Choices and decisions they hold."""
+    from orchestrator.routing import router as router_mod
     from orchestrator.routing.decisions import route_request_from_hints
     from orchestrator.routing.router import SpecfleetRouter
     from orchestrator.routing.score import RouterWeights, rank
     from orchestrator.routing.stats import RoutingStats
+    from workers.engine.params import SpecParams
+
+    if not INFLIGHT_ROWS and hasattr(router_mod, "step_share"):  # every request in flight one AR row, one token
+        router_mod.step_share = lambda spec, tau_hat: (1, 1.0)
+        router_mod._spilled_rows = lambda route, replica_id: 1
 
     rng = random.Random(seed)
     h = hashlib.sha256()
@@ -144,7 +170,7 @@ def run(fleets: int, seed: int) -> str:
         reports = [_report(rng, i, sessions, teams) for i in range(rng.randint(1, 12))]
         weights = _weights(rng)
         cfg = RouterWeights(**weights)
-        parsed = [RoutingStats.from_dict(d) for d in reports]
+        parsed = [_inflight(rng, RoutingStats.from_dict(d), SpecParams) for d in reports]
         router = SpecfleetRouter.__new__(SpecfleetRouter)
         router.initialize_state(weights=weights, seed=f)
         replicas = [NS(replica_id=NS(unique_id=d["replica_id"]), routing_stats=dict(d) if rng.random() < 0.95 else {},
@@ -177,9 +203,12 @@ def main() -> None:
     p.add_argument("--run-here", action="store_true", help="print this tree's result only")
     p.add_argument("--no-decode-ewmas", action="store_true",
                    help="reports without the decode-step EWMAs (commits before a0d0eec do not read them)")
+    p.add_argument("--no-inflight-rows", action="store_true",
+                   help="requests in flight as AR rows (commits before score.step_share count them so)")
     a = p.parse_args()
-    global DECODE_EWMAS
+    global DECODE_EWMAS, INFLIGHT_ROWS
     DECODE_EWMAS = not a.no_decode_ewmas
+    INFLIGHT_ROWS = not a.no_inflight_rows
     if a.run_here or not a.against:
         print(run(a.fleets, a.seed))
         return
@@ -193,7 +222,8 @@ def main() -> None:
         Path(tmp, "benchmarks", "__init__.py").write_text("")
         Path(tmp, "benchmarks", "rank_equality.py").write_text(Path(__file__).read_text())
         theirs = subprocess.run([sys.executable, "-m", "benchmarks.rank_equality", "--run-here", "--fleets",
-                                 str(a.fleets), "--seed", str(a.seed)] + ["--no-decode-ewmas"] * a.no_decode_ewmas,
+                                 str(a.fleets), "--seed", str(a.seed)] + ["--no-decode-ewmas"] * a.no_decode_ewmas
+                                + ["--no-inflight-rows"] * a.no_inflight_rows,
                                 cwd=tmp, check=True, capture_output=True,
                                 text=True, env={**os.environ, "PYTHONPATH": tmp}).stdout.strip()
     print(f"this tree: {mine}\n{a.against}: {theirs}")

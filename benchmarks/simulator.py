@@ -31,7 +31,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from orchestrator.routing.baselines import hash_order
-from orchestrator.routing.score import RouteRequest, RouterWeights, rank
+from orchestrator.routing.score import RouteRequest, RouterWeights, rank, step_share
 from orchestrator.routing.stats import RoutingStats
 from orchestrator.routing.step_costs import StepCostTable
 from workers.engine.acceptance import AcceptEntry, observe, tau_at_ref
@@ -91,6 +91,7 @@ class Req:
     t_done: float | None = None
     status: int = 0  # 200 done, 429 no capacity
     reason: str = ""
+    route_tau: float = 1.0  # the router's predicted tau at `spec` (Choice.tau_hat); 1 where it predicted none
 
 
 class _Replica:
@@ -170,7 +171,8 @@ class Simulator:
         self.events: list[tuple[float, int, str, object]] = []
         self._n = 0
         self.router_queue: deque[Req] = deque()
-        self.inflight: dict[str, list[tuple[float, int]]] = {r.s.name: [] for r in self.reps}
+        # replica -> requests routed there: (t, kv need, rows, tokens per step: score.step_share of its decision)
+        self.inflight: dict[str, list[tuple[float, int, int, float]]] = {r.s.name: [] for r in self.reps}
 
     # ---------------------------------------------------------------- events
     def _push(self, t: float, kind: str, obj: object) -> None:
@@ -182,7 +184,8 @@ class Simulator:
         if rep.snapshot is None or now - rep.snapshot_t >= self.period:
             rep.snapshot, rep.snapshot_t = rep.stats(now), now
         s = RoutingStats(**{**rep.snapshot.__dict__})
-        s.add_inflight([need for t, need in self.inflight[rep.s.name] if t >= rep.snapshot_t])
+        mine = [e for e in self.inflight[rep.s.name] if e[0] >= rep.snapshot_t]
+        s.add_inflight([e[1] for e in mine], [(e[2], e[3]) for e in mine])  # as the router: at the rows decided
         return s
 
     def _route(self, r: Req, now: float) -> _Replica | None | str:
@@ -200,7 +203,7 @@ class Simulator:
             for c in choices:
                 rep = self.by_name[c.replica_id]
                 if rep.ongoing < rep.s.max_ongoing:
-                    r.spec, r.reason = c.spec, c.reason
+                    r.spec, r.reason, r.route_tau = c.spec, c.reason, c.tau_hat
                     return rep
             return None
         if not open_:
@@ -232,9 +235,9 @@ class Simulator:
             self._finish_turn(r, now)
             return
         rep.kv_used += need
-        self.inflight[rep.s.name].append((now, need))
         if r.spec is None or not rep.s.spec_available:
             r.spec = SpecParams(enabled=False, block_size=rep.s.block_size)
+        self.inflight[rep.s.name].append((now, need, *step_share(r.spec, r.route_tau)))
         rep.waiting.append(r)
         self._kick(rep, now)
 
@@ -295,7 +298,7 @@ class Simulator:
                 x.t_done, x.status = now, 200
                 rep.running.remove(x)
                 rep.kv_used -= x.prompt_tokens + x.max_tokens
-                self.inflight[rep.s.name] = [(t, n) for t, n in self.inflight[rep.s.name] if t >= rep.snapshot_t]
+                self.inflight[rep.s.name] = [e for e in self.inflight[rep.s.name] if e[0] >= rep.snapshot_t]
                 self._finish_turn(x, now)
         rep.kv_trace.append((now, rep.kv_used / rep.s.kv_total_tokens))
         while self.router_queue and any(r.ongoing < r.s.max_ongoing for r in self.reps):

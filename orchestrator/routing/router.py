@@ -28,7 +28,7 @@ from typing import Any
 
 from orchestrator import fleet as _fleet
 from orchestrator.routing import decisions as _dec
-from orchestrator.routing.score import RouterWeights, prepare, rank
+from orchestrator.routing.score import RouterWeights, prepare, rank, step_share
 from orchestrator.routing.stats import ReportCache, RoutingStats
 
 try:  # keep the module importable where Serve is absent
@@ -39,56 +39,80 @@ except ImportError:  # pragma: no cover
 
 
 class InFlight:
-    """Requests a router sent and has not seen complete, per replica: {replica: {request: (t_sent, kv)}}.
+    """Requests a router sent and has not seen complete, per replica:
+    {replica: {request: (t_sent, kv, rows, tokens)}} (rows, tokens: what the request adds to the replica's step
+    per the router's decision, ``score.step_share``; 1 and 1.0 where none was recorded).
 
     ``unseen(replica, since, now)`` is what that replica's stats cannot show yet: how many of its requests
-    were sent at or after ``since`` (its report's updated_at less a grace) and the KV they need; entries
+    were sent at or after ``since`` (its report's updated_at less a grace) and the KV they need
+    (``unseen_steps``: and their rows and tokens per step); entries
     older than ``ttl_s`` are dropped (a completion that never came). Kept as running sums per replica: O(1)
     per request and per decision; a replica's entries are scanned again only when ``since`` moves (a new
     report) or its oldest counted entry expires."""
 
     def __init__(self, ttl_s: float = 600.0):
         self.ttl_s = ttl_s
-        self._by_replica: dict[str, dict[str, tuple[float, int]]] = {}
+        self._by_replica: dict[str, dict[str, tuple[float, int, int, float]]] = {}
         self._where: dict[str, str] = {}  # request -> replica
-        self._sums: dict[str, list] = {}  # replica -> [since, count, kv, oldest counted t_sent or None]
+        # replica -> [since, count, kv, oldest counted t_sent or None, rows, tokens] (tokens on step_share's grid:
+        # the sums are exact, whatever the order requests come and go in)
+        self._sums: dict[str, list] = {}
 
-    def add(self, replica: str, request: str, t: float, need: int) -> None:
-        self.pop(request)
-        self._by_replica.setdefault(replica, {})[request] = (t, need)
+    def add(self, replica: str, request: str, t: float, need: int, rows: int = 1, tokens: float = 1.0) -> None:
+        self.take(request)
+        self._by_replica.setdefault(replica, {})[request] = (t, need, rows, tokens)
         self._where[request] = replica
         agg = self._sums.get(replica)
         if agg is not None and t >= agg[0]:
             agg[1] += 1
             agg[2] += need
             agg[3] = t if agg[3] is None else min(agg[3], t)
+            agg[4] += rows
+            agg[5] += tokens
+
+    def where(self, request: str) -> str | None:
+        """The replica the request is counted on, None where it is not."""
+        return self._where.get(request)
 
     def pop(self, request: str, replica: str | None = None) -> tuple[float, int] | None:
         """Forget a request (only if it is on ``replica``, when given); its (t_sent, kv) or None."""
+        entry = self.take(request, replica)
+        return entry[:2] if entry is not None else None
+
+    def take(self, request: str, replica: str | None = None) -> tuple[float, int, int, float] | None:
+        """``pop``, returning the whole entry: (t_sent, kv, rows, tokens) or None."""
         where = self._where.get(request)
         if where is None or (replica is not None and where != replica):
             return None
         del self._where[request]
-        t, need = self._by_replica[where].pop(request)
+        entry = self._by_replica[where].pop(request)
         agg = self._sums.get(where)
-        if agg is not None and t >= agg[0]:
+        if agg is not None and entry[0] >= agg[0]:
             agg[1] -= 1
-            agg[2] -= need
-        return t, need
+            agg[2] -= entry[1]
+            agg[4] -= entry[2]
+            agg[5] -= entry[3]
+        return entry
 
     def unseen(self, replica: str, since: float, now: float) -> tuple[int, int]:
+        """(count, kv) of the replica's requests sent at or after ``since``."""
+        return self.unseen_steps(replica, since, now)[:2]
+
+    def unseen_steps(self, replica: str, since: float, now: float) -> tuple[int, int, int, float]:
+        """(count, kv, rows, tokens per step) of the replica's requests sent at or after ``since``."""
         agg = self._sums.get(replica)
         if agg is None or agg[0] != since or (agg[3] is not None and agg[3] < now - self.ttl_s):
             agg = self._rescan(replica, since, now)
-        return agg[1], agg[2]
+        return agg[1], agg[2], agg[4], agg[5]
 
     def _rescan(self, replica: str, since: float, now: float) -> list:
         mine = self._by_replica.get(replica, {})
-        for iid in [i for i, (t, _) in mine.items() if t < now - self.ttl_s]:
+        for iid in [i for i, e in mine.items() if e[0] < now - self.ttl_s]:
             del mine[iid]
             del self._where[iid]
-        counted = [(t, need) for t, need in mine.values() if t >= since]
-        agg = [since, len(counted), sum(need for _, need in counted), min((t for t, _ in counted), default=None)]
+        counted = [e for e in mine.values() if e[0] >= since]
+        agg = [since, len(counted), sum(e[1] for e in counted), min((e[0] for e in counted), default=None),
+               sum(e[2] for e in counted), sum(e[3] for e in counted)]
         self._sums[replica] = agg
         return agg
 
@@ -141,15 +165,15 @@ class SpecfleetRouter(RequestRouter):
         """Each replica's last report (parsed once) with the requests sent since counted in, and its step model
         (``score.prepare``), kept per view: a view is never changed, and most replicas' views do not change between
         two decisions, so most models are reused without building the step memo's key."""
-        reports, unseen, grace, stats_of = self._reports, self._inflight.unseen, self._grace_s, _dec.stats_of
+        reports, unseen, grace, stats_of = self._reports, self._inflight.unseen_steps, self._grace_s, _dec.stats_of
         with_inflight, models, weights = reports.with_inflight, self._models, self._weights
         out, ms = [], []
         for r in replicas:
             s = stats_of(r, reports)
             rid = s.replica_id
-            n, kv = unseen(rid, s.updated_at - grace, now)
+            n, kv, rows, tokens = unseen(rid, s.updated_at - grace, now)
             if n > 0:
-                s = with_inflight(s, n, kv)
+                s = with_inflight(s, n, kv, rows, tokens)
             hit = models.get(rid)
             if hit is not None and hit[0] is s:
                 m = hit[1]
@@ -194,8 +218,9 @@ class SpecfleetRouter(RequestRouter):
             need = req.prompt_tokens + req.max_tokens
             iid = pending_request.metadata.internal_request_id
             self._inflight.pop(iid)
-            if choices:
-                self._inflight.add(ordered[0], iid, time.time(), need)
+            if choices:  # with the rows and tokens per step it adds there (the block and tau_hat decided)
+                rows, tokens = step_share(choices[0].spec, choices[0].tau_hat)
+                self._inflight.add(ordered[0], iid, time.time(), need, rows, tokens)
             if _dec.ROUTE_KWARG in pending_request.kwargs:
                 pending_request.kwargs[_dec.ROUTE_KWARG] = _dec.with_decision(hints, decision)
         return [[by_id[rid]] for rid in ordered]
@@ -203,13 +228,31 @@ class SpecfleetRouter(RequestRouter):
     def on_request_routed(self, pending_request: PendingRequest, replica_id: Any, result: Any) -> None:
         uid = replica_id.unique_id
         iid = pending_request.metadata.internal_request_id
-        prev = self._inflight.pop(iid)
+        was = self._inflight.where(iid)
+        prev = self._inflight.take(iid)
         need = prev[1] if prev else 0
+        route0 = pending_request.kwargs.get(_dec.ROUTE_KWARG) or {}
         if not need:
-            route0 = pending_request.kwargs.get(_dec.ROUTE_KWARG) or {}
             need = int(route0.get("prompt_tokens") or 0) + int(route0.get("max_tokens") or 0)
-        self._inflight.add(uid, iid, time.time(), need)
+        if prev is not None and was == uid:  # where the router put it: the block and tau_hat it decided there
+            rows, tokens = prev[2], prev[3]
+        else:  # a spill: the block decided for that replica (its tau_hat is not in the decision: 1 token a step)
+            rows, tokens = _spilled_rows(route0, uid), 1.0
+        self._inflight.add(uid, iid, time.time(), need, rows, tokens)
         _dec.record_dispatch(pending_request, replica_id)
 
     def on_request_completed(self, replica_id: Any, internal_request_id: str) -> None:
         self._inflight.pop(internal_request_id, replica_id.unique_id)
+
+
+def _spilled_rows(route: Any, replica_id: str) -> int:
+    """Target rows a request adds on ``replica_id`` per the decision in its ``route`` kwarg (the block of the spec
+    decided for that replica, 1 for AR); 1 where the decision names none or is malformed."""
+    try:
+        spec = route["decision"]["alternatives"][replica_id][0]
+        if spec and spec.get("enabled"):
+            b = int(spec.get("block_size") or 1)
+            return b if b >= 1 else 1
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+        pass
+    return 1

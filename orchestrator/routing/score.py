@@ -25,6 +25,9 @@ The request's rate is tau(b) / t_b and the others lose S x (1 / t_now - 1 / t_b)
 on the sum, the replica's goodput change, not on the request's own rate. Choosing by the own rate, with every
 running sequence assumed at the same block, ran block 2 on 76 of 96 turns at concurrency 16 in never_slower and
 delivered 0.76x of static AR (2026-12-03): at 16 rows a block-2 row costs the other 15 sequences more than it gains.
+Requests routed since the report count at what the router decided for them (``step_share``: the block as rows,
+tau_hat at it as tokens; 1 and 1 for AR), so in a burst on an idle replica the later requests see the blocks the
+first ones took (counted as AR rows, the first arrivals took large blocks the later ones never saw).
 
 Cost: O(replicas), a few dict / set lookups and some arithmetic per replica. What depends only on a report
 (blocks, step times at the batch) and alpha per tau are memoised on their inputs (pure: the same inputs give
@@ -474,7 +477,7 @@ def _step_model(r: RoutingStats, cfg: RouterWeights, cfg_key: int) -> _Model:
     to decision: a new report or a request counted in changes the key)."""
     key = (r.block_size_default, r.num_running, r.step_ms_ar, r.step_base_ms, r.step_per_token_ms, r.draft_ms,
            tuple(r.step_ms_by_block.items()), r.step_costs.token if r.step_costs is not None else 0, r.step_batch,
-           r.decode_ms, r.decode_rows, r.decode_tokens, cfg_key)
+           r.decode_ms, r.decode_rows, r.decode_tokens, r.inflight_count, r.inflight_rows, r.inflight_tokens, cfg_key)
     out = _STEP_MEMO.get(key)
     if out is None:
         blocks = _blocks(r, cfg)
@@ -496,7 +499,9 @@ def mixed_step_times(r: RoutingStats, blocks: list[int]) -> tuple[float, float, 
     """(t_now, S, t_ar, {block: t_b}) ms by rows (module docstring, "Mixed steps"): the replica's step now, the
     tokens it commits per step, and the step with this request added as AR (1 row) or at each block (b rows);
     None where the replica reports no decode EWMAs or no table with a speculative row. Requests counted in since
-    the report (``num_running`` over ``step_batch``) are taken as AR rows committing one token each; an idle
+    the report (``num_running`` over ``step_batch``) add the rows and tokens per step the router decided for them
+    (``inflight_rows`` / ``inflight_tokens``, ``step_share``: a burst on an idle replica sees the blocks its first
+    requests were given); extra sequences without them are taken as AR rows committing one token each; an idle
     replica (``step_batch`` 0) is read from the table as measured (its EWMAs describe an earlier batch). Values no
     engine reports give None (not finite, or step times that overflow) or are bounded (more tokens than rows: a row
     commits at most one token)."""
@@ -513,13 +518,39 @@ def mixed_step_times(r: RoutingStats, blocks: list[int]) -> tuple[float, float, 
     else:
         rows, toks, f = 0.0, 0.0, 1.0
     extra = r.num_running - b0 if r.num_running > b0 else 0
-    rows, toks = rows + extra, toks + extra
+    n_in, rows_in, toks_in = r.inflight_count, r.inflight_rows, r.inflight_tokens
+    if extra and n_in > 0 and 0.0 <= rows_in < math.inf and 0.0 <= toks_in < math.inf:
+        # the requests counted in since the report at the rows and tokens the router decided for them; any other
+        # extra sequence (num_running over step_batch without a decision behind it) as an AR row
+        k = n_in if n_in < extra else extra
+        share = 1.0 if k == n_in else k / n_in
+        rows_add, toks_add = rows_in * share + (extra - k), toks_in * share + (extra - k)
+        rows, toks = rows + rows_add, toks + (toks_add if toks_add < rows_add else rows_add)
+    else:
+        rows, toks = rows + extra, toks + extra
     t_ar = tab.at_rows(rows + 1.0) * f
     t_now = tab.at_rows(rows) * f if rows > 0.0 else t_ar
     t_spec = {b: tab.at_rows(rows + b) * f for b in blocks}
     if not (t_ar < math.inf and all(t < math.inf for t in t_spec.values())):
         return None
     return t_now, toks, t_ar, t_spec
+
+
+_TOKEN_GRID = 1024.0  # step_share rounds tokens to multiples of 1/1024: sums of them (a router adds and takes away
+#                       requests in flight in any order) are exact in floats, so the same requests give the same sum
+
+
+def step_share(spec: SpecParams, tau_hat: float) -> tuple[int, float]:
+    """(target rows, committed tokens) per step a request adds to its replica's shared step under the router's
+    decision: the block and tau_hat at it (bounded to [1, block], on a 1/1024 grid) when speculating, else one AR
+    row committing one token. What the router and the simulator record for a request in flight (``add_inflight``)."""
+    if not spec.enabled:
+        return 1, 1.0
+    b = spec.block_size if spec.block_size >= 1 else 1
+    if not tau_hat >= 1.0:  # also nan
+        return b, 1.0
+    t = tau_hat if tau_hat < b else float(b)
+    return b, round(t * _TOKEN_GRID) / _TOKEN_GRID
 
 
 def prepare(replicas: list[RoutingStats], cfg: RouterWeights | None = None) -> list[_Model]:

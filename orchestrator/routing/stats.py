@@ -47,6 +47,13 @@ class RoutingStats:
     decode_ms: float | None = None
     decode_rows: float | None = None
     decode_tokens: float | None = None
+    # requests a router counted in since the report (``add_inflight``) that took running slots, and the target rows
+    # and committed tokens per step the router decided for them (rows: the block it chose, 1 for AR; tokens: its
+    # predicted tau at that block, 1 for AR; 1 and 1 where it recorded no decision). Kept by the router, never
+    # reported (0 in a report: read as today). The scorer adds them to the shared step (score.mixed_step_times)
+    inflight_count: int = 0
+    inflight_rows: float = 0.0
+    inflight_tokens: float = 0.0
     # the engine's measured step costs (start-up calibration), parsed; None = not measured. Any JSON-form
     # table given here is parsed (StepCostTable.parse)
     step_costs: StepCostTable | None = None
@@ -83,29 +90,43 @@ class RoutingStats:
         return 1.0 - self.kv_free_tokens / self.kv_total_tokens
 
     # ---------------------------------------------------------------- (de)serialisation
-    def add_inflight(self, needs: list[int]) -> None:
+    def add_inflight(self, needs: list[int], shares: list[tuple[float, float]] | None = None) -> None:
         """Count requests routed here since this report (each needing ``needs[i]`` KV tokens): they take
-        KV and running slots now, the rest queue. The router and the simulator both apply this."""
+        KV and running slots now, the rest queue. ``shares[i]``: the (rows, tokens) per step the router decided for
+        request i (``score.step_share``); without them each is an AR row committing one token. The router and the
+        simulator both apply this."""
         if needs:
-            self._count_inflight(len(needs), sum(needs))
+            if shares is None:
+                self._count_inflight(len(needs), sum(needs))
+            else:
+                self._count_inflight(len(needs), sum(needs), sum(r for r, _ in shares), sum(t for _, t in shares))
 
-    def with_inflight(self, n: int, kv_tokens: int) -> RoutingStats:
-        """``add_inflight`` of ``n`` requests needing ``kv_tokens`` in all, on a copy (this one when n == 0).
+    def with_inflight(self, n: int, kv_tokens: int, rows: float | None = None,
+                      tokens: float | None = None) -> RoutingStats:
+        """``add_inflight`` of ``n`` requests needing ``kv_tokens`` in all, adding ``rows`` target rows and
+        ``tokens`` committed tokens per step (None: n of each, AR rows), on a copy (this one when n == 0).
         The copy shares the tables: what a router corrects per decision without copying a report."""
         if n <= 0:
             return self
         out = object.__new__(type(self))  # copy.copy without its generic protocol (one per replica per decision)
         out.__dict__.update(self.__dict__)
-        out._count_inflight(n, kv_tokens)
+        out._count_inflight(n, kv_tokens, rows, tokens)
         return out
 
-    def _count_inflight(self, n: int, kv_tokens: int) -> None:
+    def _count_inflight(self, n: int, kv_tokens: int, rows: float | None = None,
+                        tokens: float | None = None) -> None:
         if self.step_batch is None:  # the EWMAs still describe the reported batch
             self.step_batch = self.num_running
         self.kv_free_tokens = max(0, self.kv_free_tokens - kv_tokens)
         slots = max(0, self.max_num_seqs - self.num_running)
-        self.num_running += min(n, slots)
+        k = min(n, slots)
+        self.num_running += k
         self.num_waiting += max(0, n - slots)
+        if k > 0:  # the rows of those that took a slot: all n, else their share (which ones queue is not known)
+            share = 1.0 if k == n else k / n
+            self.inflight_count += k
+            self.inflight_rows += float(k) if rows is None else rows * share
+            self.inflight_tokens += float(k) if tokens is None else tokens * share
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe (json writes the tau entries' tuples as arrays). Tau entries are (tau, n) tuples: after a
@@ -133,6 +154,7 @@ class RoutingStats:
         kw["step_costs"] = StepCostTable.parse(d.get("step_costs"))
         for key in DECODE_EWMAS:  # a finite float or None: a malformed value must not reach a decision
             kw[key] = _opt_float(d.get(key))
+        kw.update(_inflight_fields(d))
         for key in TAU_TABLES:
             kw[key] = _tau_table(d.get(key) or {})
         kw["cached_sessions"] = frozenset(str(s) for s in (d.get("cached_sessions") or []))
@@ -153,6 +175,7 @@ class RoutingStats:
         kw["step_costs"] = StepCostTable.parse(d.get("step_costs"))
         for key in DECODE_EWMAS:
             kw[key] = _opt_float(d.get(key))
+        kw.update(_inflight_fields(d))
         for key in TAU_TABLES:
             raw = d.get(key) or {}
             kw[key] = ReportedTaus(raw) if len(raw) > LAZY_TABLE else _tau_table(raw)
@@ -216,6 +239,17 @@ class RoutingStats:
             spec_available=bool(spec_available),
             updated_at=float(now),
         )
+
+
+def _inflight_fields(d: dict) -> dict[str, Any]:
+    """The in-flight counts of a dict (``to_dict`` of a view: a replica reports none), each checked: a count below
+    0, or rows and tokens that are not finite and >= 0, read as none in flight."""
+    n, rows, toks = d.get("inflight_count"), _opt_float(d.get("inflight_rows")), _opt_float(d.get("inflight_tokens"))
+    if n is None and rows is None and toks is None:
+        return {}
+    if type(n) is not int or n < 0 or rows is None or toks is None or rows < 0.0 or toks < 0.0:
+        return {"inflight_count": 0, "inflight_rows": 0.0, "inflight_tokens": 0.0}
+    return {"inflight_count": n, "inflight_rows": rows, "inflight_tokens": toks}
 
 
 def _opt_float(x: Any) -> float | None:
@@ -318,7 +352,7 @@ class ReportCache:
 
     def __init__(self) -> None:
         self._last: dict[str, tuple[dict, float, RoutingStats | None]] = {}
-        self._views: dict[str, tuple[RoutingStats, int, int, RoutingStats]] = {}  # id -> (report, n, kv, view)
+        self._views: dict[str, tuple] = {}  # id -> (report, n, kv, rows, tokens, view)
         self._costs: dict[str, tuple[dict, StepCostTable]] = {}  # id -> its last reported step costs, parsed
 
     def parsed(self, replica_id: str, d: dict | None) -> RoutingStats | None:
@@ -349,17 +383,20 @@ class ReportCache:
         hit = self._last.get(replica_id)
         return hit[2] if hit is not None else None
 
-    def with_inflight(self, st: RoutingStats, n: int, kv_tokens: int) -> RoutingStats:
-        """``st.with_inflight(n, kv_tokens)`` for a report this cache parsed, the copy kept until the report or the
-        counts change: between two decisions most replicas' counts do not move, so their copies are reused (one
-        object per replica per change, not per decision). Shared like the report: read it, never change it."""
+    def with_inflight(self, st: RoutingStats, n: int, kv_tokens: int, rows: float | None = None,
+                      tokens: float | None = None) -> RoutingStats:
+        """``st.with_inflight(n, kv_tokens, rows, tokens)`` for a report this cache parsed, the copy kept until the
+        report or the counts change: between two decisions most replicas' counts do not move, so their copies are
+        reused (one object per replica per change, not per decision). Shared like the report: read it, never
+        change it."""
         if n <= 0:
             return st
         hit = self._views.get(st.replica_id)
-        if hit is not None and hit[0] is st and hit[1] == n and hit[2] == kv_tokens:
-            return hit[3]
-        view = st.with_inflight(n, kv_tokens)
-        self._views[st.replica_id] = (st, n, kv_tokens, view)
+        if (hit is not None and hit[0] is st and hit[1] == n and hit[2] == kv_tokens and hit[3] == rows
+                and hit[4] == tokens):
+            return hit[5]
+        view = st.with_inflight(n, kv_tokens, rows, tokens)
+        self._views[st.replica_id] = (st, n, kv_tokens, rows, tokens, view)
         return view
 
     def keep(self, replica_ids: set[str]) -> None:

@@ -37,8 +37,14 @@ def _fleet(rng: random.Random) -> list[RoutingStats]:
                                                    "decode_tokens": rng.choice([rng.uniform(0.0, 40.0),
                                                                                 rng.uniform(0.0, 1e4)]),
                                                    "step_batch": rng.choice([rng.randint(0, 16), 0, None])}])))
-        if rng.random() < 0.3:  # requests routed since the report: AR rows counted into the shared step
-            out[-1] = out[-1].with_inflight(rng.randint(1, 4), 100)
+        if rng.random() < 0.3:  # requests routed since the report, counted into the shared step: at the rows and
+            # tokens decided for them (blocks, taus beyond the block and below 1), or without them (AR rows)
+            n = rng.randint(1, 4)
+            shares = [score.step_share(SpecParams(enabled=rng.random() < 0.6, block_size=rng.choice([2, 4, 8, 16])),
+                                       rng.choice([rng.uniform(0.5, 17.0), 1.0])) for _ in range(n)]
+            decided = rng.random() < 0.7
+            out[-1] = out[-1].with_inflight(n, 100, sum(r for r, _ in shares) if decided else None,
+                                            sum(t for _, t in shares) if decided else None)
     return out
 
 
