@@ -81,6 +81,18 @@ def fleet(case: str, alphas: dict, max_num_seqs: int, kv_scale: float) -> list[R
     return reps
 
 
+def level_sessions(conc: int, sessions_per_level: float = 3.0, think: tuple[float, float] = (0.5, 2.0), seed: int = 0,
+                   answer_scale: float = 4.0, prompt_scale: float = 16.0) -> list[dict]:
+    """The agent sessions one concurrency level runs: the workload's teams (sessions_per_level x conc sessions),
+    answers x answer_scale, prompts x prompt_scale."""
+    teams = max(2, int(conc * sessions_per_level / 3))
+    trace = generate(WorkloadConfig(teams=teams, rate=0.0, seed=seed, think_s=think, turns=(3, 6)))
+    for s in trace:
+        for t in s.turns:
+            t.max_tokens = int(t.max_tokens * answer_scale)
+    return sessions_from_trace(trace, chars_per_token=4.0 / prompt_scale)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--alphas", help='JSON {"a": {role: alpha}, "b": {role: alpha}}')
@@ -138,13 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         results["cases"][case] = {"kv_tokens_per_replica": int(kv_tokens(RooflineStepModel(
             CASES[case][0], tp=CASES[case][1])) * a.kv_scale), "levels": {}}
         for conc in [int(c) for c in a.concurrency.split(",")]:
-            teams = max(2, int(conc * a.sessions_per_level / 3))
-            trace = generate(WorkloadConfig(teams=teams, rate=0.0, seed=a.seed, think_s=think,
-                                            turns=(3, 6)))
-            for s in trace:
-                for t in s.turns:
-                    t.max_tokens = int(t.max_tokens * a.answer_scale)
-            sess = sessions_from_trace(trace, chars_per_token=4.0 / a.prompt_scale)
+            sess = level_sessions(conc, a.sessions_per_level, think, a.seed, a.answer_scale, a.prompt_scale)
             row = {}
             for router in ROUTERS:
                 sim = Simulator(fleet(case, alphas, a.max_num_seqs, a.kv_scale), router, RouterWeights(),

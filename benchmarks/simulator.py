@@ -170,12 +170,15 @@ class Simulator:
         self.overhead_s = overhead_s  # client -> ingress -> replica latency added to every turn
         self.events: list[tuple[float, int, str, object]] = []
         self._n = 0
+        self.clock = 0.0  # the time of the event being handled: events never go before it
         self.router_queue: deque[Req] = deque()
         # replica -> requests routed there: (t, kv need, rows, tokens per step: score.step_share of its decision)
         self.inflight: dict[str, list[tuple[float, int, int, float]]] = {r.s.name: [] for r in self.reps}
 
     # ---------------------------------------------------------------- events
     def _push(self, t: float, kind: str, obj: object) -> None:
+        if not t >= self.clock:  # also NaN: an event in the past is a bookkeeping bug, never a result to report
+            raise RuntimeError(f"simulator: {kind} event at t={t!r} before the clock ({self.clock!r})")
         self._n += 1
         heapq.heappush(self.events, (t, self._n, kind, obj))
 
@@ -346,20 +349,23 @@ class Simulator:
         self.sessions = {s["session_id"]: {**s, "context": s["system_tokens"]} for s in sessions}
         self.pending = deque(sorted(((s["session_id"], s["start_s"]) for s in sessions), key=lambda x: x[1]))
         self.concurrency, self.active, self.done, self._rid = concurrency, 0, [], 0
-        self._start_sessions(0.0)
-        now = 0.0
+        self.clock = now = 0.0
+        self._start_sessions(now)
         while self.events:
             now, _, kind, obj = heapq.heappop(self.events)
             if now > horizon_s:
                 break
+            self.clock = now
+            # the clock passed by name: a payload that grew a field cannot slide into `now` (16:44 run, see
+            # tests/cpu/test_sim_invariants.py)
             if kind == "step_done":
-                self._step_done(*obj, now)
+                self._step_done(*obj, now=now)
             elif kind == "turn":
-                self._turn(*obj, now)
+                self._turn(*obj, now=now)
             elif kind == "dispatch":
-                self._dispatch(obj, now)
+                self._dispatch(obj, now=now)
             elif kind == "start":
-                self._start_sessions(now)
+                self._start_sessions(now=now)
         taus: dict[str, dict[str, float]] = {}
         for rep in self.reps:
             taus[rep.s.name] = {k: v[0] for k, v in rep.taus("role").items()}
