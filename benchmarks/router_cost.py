@@ -123,6 +123,11 @@ class Fleet:
         """A new measurement: load, KV and a few sessions' tau changed."""
         rng = self.rng
         s.num_running, s.num_waiting = rng.randint(0, 16), rng.choice((0, 0, 0, 1, 3))
+        # the decode-step EWMAs a real engine reports (a0d0eec): steps priced by rows on the decision path
+        s.step_batch = s.num_running
+        s.decode_rows = s.num_running * rng.choice((1.0, 2.5, 6.0)) if s.num_running else None
+        s.decode_tokens = s.num_running * rng.uniform(1.0, 2.5) if s.num_running else None
+        s.decode_ms = s.step_ms_ar * rng.uniform(0.9, 3.0) if s.num_running else None
         s.kv_free_tokens = rng.randint(40_000, 380_000)
         for sid in rng.sample(list(s.tau_by_session), min(20, len(s.tau_by_session))):
             s.tau_by_session[sid] = self._tau()
