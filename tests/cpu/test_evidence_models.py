@@ -11,11 +11,12 @@ import pytest
 import yaml
 
 from benchmarks import acceptance_tables, project_b300, validate
-from benchmarks.simulator import Simulator, sessions_from_trace
+from benchmarks.simulator import sessions_from_trace
 from benchmarks.stepmodel import LinearStepModel, TableStepModel, interp, load_step_model
 from benchmarks.workload import WorkloadConfig, generate, save
 from orchestrator.config import ServeConfig
 from orchestrator.routing.score import alpha_from_tau
+from simulated_runs import write_policy_runs
 
 CONFIGS = Path(__file__).resolve().parents[2] / "benchmarks" / "configs"
 TABLE = {"64": {"ar_ms": {"1": 10.0, "4": 16.0, "16": 40.0},
@@ -78,14 +79,6 @@ def test_acceptance_files_become_alphas(tmp_path):
 
 
 # ------------------------------------------------------------------ validation
-def _record(r) -> dict:
-    """A simulated request as router_compare records a measured one (trace session id, the server's session id)."""
-    return {"session": r.session.removeprefix("srv-"), "server_session": r.session, "team": r.team, "role": r.role,
-            "turn": r.turn, "t_arrive": r.t_arrive, "t_first": r.t_first, "t_done": r.t_done, "generated": r.generated,
-            "prompt_tokens": r.prompt_tokens, "status": r.status, "replica": r.replica or "",
-            "spec_passes": r.spec_passes, "spec_tokens": r.spec_tokens, "error": ""}
-
-
 def _fake_run(tmp_path: Path, cfg: dict, step, alphas, kv: dict[str, float], seed: int) -> Path:
     """A router_compare trials folder whose 'measurements' are simulator runs on the given fleet, with Serve-like
     replica ids and server session ids (session hashing keys on those)."""
@@ -95,17 +88,8 @@ def _fake_run(tmp_path: Path, cfg: dict, step, alphas, kv: dict[str, float], see
     wcfg = WorkloadConfig(teams=3, seed=seed)
     trace = generate(wcfg)
     save(d / "trace.jsonl", wcfg, trace)
-    names = sorted(kv, key=lambda r: -kv[r])
     sessions = [{**x, "session_id": "srv-" + x["session_id"]} for x in sessions_from_trace(trace)]
-    for policy in ("specfleet", "pow2", "consistent_hash"):
-        sc = ServeConfig.model_validate(cfg)
-        reps = validate.build_fleet(sc, [kv[n] for n in names], alphas, step, names)
-        res = Simulator(reps, policy, sc.router.weights, sc.router.stats_period_s, seed=0).run(sessions, concurrency=4)
-        (d / f"{policy}.yaml").write_text(yaml.safe_dump({**cfg, "router": {"policy": policy}}))
-        (d / f"{policy}.requests.jsonl").write_text("".join(json.dumps(_record(r)) + "\n" for r in res.requests))
-        (d / f"{policy}.metrics.jsonl").write_text(json.dumps({"t": 0.0, **{rid: {"kv_total_tokens": v}
-                                                                               for rid, v in kv.items()}}) + "\n")
-        (d / f"{policy}.summary.json").write_text(json.dumps({"concurrency": 4}))
+    write_policy_runs(d, cfg, kv, step, alphas, sessions)
     (run / "summary.json").write_text(json.dumps({"kind": "router_compare_trials", "trials": [{"seed": seed}]}))
     return run
 

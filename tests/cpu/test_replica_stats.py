@@ -13,13 +13,13 @@ import yaml
 
 from benchmarks import acceptance_tables, replica_stats, validate
 from benchmarks.router_compare import scrape_metrics
-from benchmarks.simulator import Simulator, sessions_from_trace
+from benchmarks.simulator import sessions_from_trace
 from benchmarks.stepmodel import TableStepModel
 from benchmarks.workload import WorkloadConfig, generate, save
-from orchestrator.config import ServeConfig
 from orchestrator.fleet import ReplicaSeen, fleet_stats, fleet_view
 from orchestrator.metrics import Metrics
 from orchestrator.routing.stats import RoutingStats
+from simulated_runs import POLICIES, write_policy_runs
 
 CONFIGS = Path(__file__).resolve().parents[2] / "benchmarks" / "configs"
 FAST = {"ar_ms": {"1": 10.0, "4": 16.0, "16": 40.0},
@@ -98,13 +98,6 @@ def test_saved_tables_become_step_models(tmp_path):
 
 
 # ------------------------------------------------------------------ validation on a run folder's own tables
-def _record(r) -> dict:
-    return {"session": r.session.removeprefix("srv-"), "server_session": r.session, "team": r.team, "role": r.role,
-            "turn": r.turn, "t_arrive": r.t_arrive, "t_first": r.t_first, "t_done": r.t_done, "generated": r.generated,
-            "prompt_tokens": r.prompt_tokens, "status": r.status, "replica": r.replica or "",
-            "spec_passes": r.spec_passes, "spec_tokens": r.spec_tokens, "error": ""}
-
-
 def _acceptance_json(path: Path, drafter: str, taus: dict[str, float]) -> str:
     """benchmarks/acceptance.py's JSON form, greedy."""
     by_cat = {c: {"tau": t, "passes": 100, "accept_by_position": []} for c, t in taus.items()}
@@ -132,15 +125,8 @@ def _fake_run(tmp_path: Path, tables: dict[str, dict], kv: dict[str, float], see
                             dict(zip(roles, (1.5, 1.3, 2.0, 6.0))))
     alphas = {0: acceptance_tables.read(code).alpha_by_role, 1: acceptance_tables.read(chat).alpha_by_role}
     sessions = [{**x, "session_id": "srv-" + x["session_id"]} for x in sessions_from_trace(trace)]
-    for policy in ("specfleet", "pow2", "consistent_hash"):
-        sc = ServeConfig.model_validate(cfg)
-        reps = validate.build_fleet(sc, [kv[n] for n in names], alphas, step, names)
-        res = Simulator(reps, policy, sc.router.weights, sc.router.stats_period_s, seed=0).run(sessions, concurrency=4)
-        (d / f"{policy}.yaml").write_text(yaml.safe_dump({**cfg, "router": {"policy": policy}}))
-        (d / f"{policy}.requests.jsonl").write_text("".join(json.dumps(_record(r)) + "\n" for r in res.requests))
-        (d / f"{policy}.metrics.jsonl").write_text(json.dumps({"t": 0.0, **{rid: {"kv_total_tokens": v}
-                                                                               for rid, v in kv.items()}}) + "\n")
-        (d / f"{policy}.summary.json").write_text(json.dumps({"concurrency": 4}))
+    write_policy_runs(d, cfg, kv, step, alphas, sessions)
+    for policy in POLICIES:
         replica_stats.save(d / f"{policy}.replica_stats.json",
                            {rid: {"step_costs": tables[rid], "decode_ms": 20.0} for rid in kv}, 60.0)
     return d, ["--acceptance", f"code={code}", "--acceptance", f"chat={chat}"]
