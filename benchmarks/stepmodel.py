@@ -29,6 +29,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from orchestrator.routing.step_costs import rows_curve
+
 
 @dataclass
 class LinearStepModel:
@@ -120,18 +122,8 @@ class TableStepModel:
                 raise ValueError(f"the step table at context {c} has no AR costs")
             self._ar[c] = _row(t["ar_ms"])
             self._spec[c] = {int(k): _row(v) for k, v in (t.get("spec_ms") or {}).items() if v}
-        self._rows = {c: self._rows_curve(c) for c in self._ctx}
-
-    def _rows_curve(self, c: int) -> tuple[list[int], list[float]]:
-        """Every entry measured at context c as (rows = batch x block, ms); equal rows averaged."""
-        pts: dict[int, list[float]] = {}
-        for b, ms in zip(*self._ar[c]):
-            pts.setdefault(b, []).append(ms)
-        for k, (bs, ms_row) in self._spec[c].items():
-            for b, ms in zip(bs, ms_row):
-                pts.setdefault(b * k, []).append(ms)
-        xs = sorted(pts)
-        return xs, [sum(pts[x]) / len(pts[x]) for x in xs]
+        # every entry measured at a context as (rows = batch x block, ms), equal rows averaged: the router's reading
+        self._rows = {c: rows_curve(self._ar[c], self._spec[c]) for c in self._ctx}
 
     def _at_ctx(self, ctx: int, cost) -> float:
         ys = [cost(c) for c in self._ctx]

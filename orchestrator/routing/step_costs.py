@@ -94,6 +94,20 @@ def interpolate(xs: tuple[int, ...], ys: tuple[float, ...], x: float, slope_one:
     return ys[-1] + slope * (x - xs[-1]) if slope > 0.0 else ys[-1]
 
 
+def rows_curve(ar: Row, spec: dict[int, Row]) -> Row:
+    """Every entry of a table as a point at its target rows (AR: the batch; speculative: batch x block), entries of
+    equal rows averaged: (rows ascending, ms). ``at_rows`` reads it; so does the simulator's table step model
+    (benchmarks/stepmodel.py) for a mixed step."""
+    pts: dict[int, list[float]] = {}
+    for b, ms in zip(*ar):
+        pts.setdefault(b, []).append(ms)
+    for k, (bs, ms_row) in spec.items():
+        for b, ms in zip(bs, ms_row):
+            pts.setdefault(b * k, []).append(ms)
+    xs = tuple(sorted(pts))
+    return xs, tuple(sum(pts[x]) / len(pts[x]) for x in xs)
+
+
 class StepCostTable:
     """A replica's measured step costs, parsed (immutable, hashable, shared between equal tables)."""
 
@@ -163,14 +177,7 @@ class StepCostTable:
         """ms of a decode step of ``rows`` target rows, whatever mix of AR and speculative sequences makes them."""
         curve = self._rows
         if curve is None:
-            pts: dict[int, list[float]] = {}
-            for b, ms in zip(*self.ar):
-                pts.setdefault(b, []).append(ms)
-            for k, (bs, ms_row) in self.spec.items():
-                for b, ms in zip(bs, ms_row):
-                    pts.setdefault(b * k, []).append(ms)
-            xs = tuple(sorted(pts))
-            curve = self._rows = (xs, tuple(sum(pts[x]) / len(pts[x]) for x in xs))
+            curve = self._rows = rows_curve(self.ar, self.spec)
         return interpolate(*curve, rows)
 
     # ---------------------------------------------------------------- identity
