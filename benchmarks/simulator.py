@@ -37,7 +37,7 @@ from orchestrator.routing.step_costs import StepCostTable
 from workers.engine.acceptance import AcceptEntry, observe, tau_at_ref
 from workers.engine.calibrate import DEFAULT_BATCHES, DEFAULT_BLOCKS, StepCosts
 from workers.engine.params import SpecParams
-from workers.engine.stats import StatsTracker
+from workers.engine.stats import StatsTracker, pure_step
 
 EWMA = 0.2
 
@@ -262,12 +262,12 @@ class Simulator:
         blocks = [x.block_now for x in decode]
         # one target forward over every row (workers/engine/step.py): priced by the step model as a whole step
         t = rep.s.step.decode_s(blocks, ctx) if decode else 0.0
-        spec_blocks = {b for b in blocks if b > 1}
-        if decode and not new:  # like the engine: pure steps only describe a step kind
-            if not spec_blocks:
+        pure = pure_step(blocks)
+        if pure is not None and not new:  # like the engine: pure steps only describe a step kind
+            b = pure[1]
+            if b <= 1:
                 rep.step_ms_ar = _ew(rep.step_ms_ar, t * 1000)
-            elif len(spec_blocks) == 1 and min(blocks) > 1:
-                b = spec_blocks.pop()
+            else:
                 rep.step_ms_by_block[b] = _ew(rep.step_ms_by_block.get(b), t * 1000)
         if new:
             t += rep.s.step.prefill_s(sum(x.prompt_tokens for x in new))

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from orchestrator.routing.step_costs import rows_curve
+from workers.engine.stats import pure_step
 
 
 @dataclass
@@ -69,14 +70,6 @@ class LinearStepModel:
         """The same shape, `factor` times slower (e.g. cores shared by co-located replicas)."""
         return LinearStepModel(self.a0 * factor, self.a1 * factor, self.s0 * factor, self.s1 * factor,
                                self.p1 * factor, self.source + f" x{factor:g}")
-
-
-def pure_step(blocks: list[int]) -> tuple[int, int] | None:
-    """(batch, block) when every sequence runs one block (block 1: all AR), else None (a mixed step)."""
-    if not blocks:
-        return None
-    b = blocks[0]
-    return (len(blocks), b) if all(x == b for x in blocks) else None
 
 
 def interp(xs: list[float], ys: list[float], x: float) -> float:

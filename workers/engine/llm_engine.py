@@ -23,7 +23,7 @@ from workers.engine.params import (EngineStats, InvalidRequest, NoCapacity, Requ
                                    SpecParams)
 from workers.engine.runner import ModelRunner
 from workers.engine.scheduler import ScheduledSeq, Scheduler, Sequence
-from workers.engine.stats import StatsTracker
+from workers.engine.stats import StatsTracker, pure_step
 from workers.engine.step import SeqResult, StepExecutor
 from workers.models.loader import load_model, resolve_device, resolve_dtype
 from workers.models.packed import can_pack, pack_for_cpu
@@ -241,16 +241,15 @@ class LLMEngine:
         results = self.executor.run(sched.items)
         ms = (time.perf_counter() - t0) * 1e3
         if all(it.kind != "prefill" for it in sched.items):
+            blocks = [it.num_query for it in sched.items]  # 1 per AR sequence, the block per speculative one
             committed = sum(len(r.tokens) for r in results.values() if isinstance(r, SeqResult))
-            self.tracker.record_decode_step(ms, sum(it.num_query for it in sched.items), committed)
+            self.tracker.record_decode_step(ms, sum(blocks), committed)
             # only pure steps describe a step kind: all AR rows, or every row speculating at one block. A step
             # that mixes AR rows with a speculative row (or blocks cut short at max_tokens) costs neither, and read
             # as a speculative step it made speculation look cheap at high batch (never_slower c16, 2026-12-03)
-            spec_blocks = {it.num_query for it in sched.items if it.kind == "spec"}
-            if not spec_blocks:
-                self.tracker.record_step_time(ms, None)
-            elif len(spec_blocks) == 1 and all(it.kind == "spec" for it in sched.items):
-                self.tracker.record_step_time(ms, spec_blocks.pop())
+            pure = pure_step(blocks)
+            if pure is not None:
+                self.tracker.record_step_time(ms, pure[1] if pure[1] > 1 else None)
         for it in sched.items:
             res = results.get(it.seq.request_id)
             out = self._apply(it, res)

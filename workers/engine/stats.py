@@ -10,6 +10,17 @@ from collections import OrderedDict
 from workers.engine.acceptance import AcceptEntry, alpha_of, observe, tau_at_ref, tau_from_alpha
 from workers.engine.params import EngineStats
 
+def pure_step(blocks: list[int]) -> tuple[int, int] | None:
+    """(batch, block) of a decode step whose sequences all run one block (block 1: all AR), else None (a mixed
+    step, or none). Only pure steps describe a step kind (``StatsTracker.record_step_time``): a step mixing AR rows
+    with speculative ones, or blocks of different sizes, costs neither. The engine, the simulator and its step
+    models all ask this."""
+    if not blocks:
+        return None
+    b = blocks[0]
+    return (len(blocks), b) if all(x == b for x in blocks) else None
+
+
 MAX_TAG_VALUES = 10_000  # per tag key; the least recently updated values are dropped beyond this
 
 
