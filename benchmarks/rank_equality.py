@@ -67,12 +67,12 @@ def _report(rng: random.Random, i: int, sessions: list[str], teams: list[str]) -
     if rng.random() < 0.6:
         d["step_costs"] = _table(rng, ar)
     decode = _decode(rng, running, top, ar)  # drawn whether or not reported: the same fleets either way
-    if DECODE_EWMAS and decode:
+    if WITH_DECODE_EWMAS and decode:
         d.update(decode)
     return d
 
 
-DECODE_EWMAS = True  # --no-decode-ewmas: reports without them (to compare with a commit before a0d0eec)
+WITH_DECODE_EWMAS = True  # --no-decode-ewmas: reports without them (to compare with a commit before a0d0eec)
 INFLIGHT_ROWS = True  # --no-inflight-rows: requests in flight as AR rows (a commit before score.step_share)
 
 
@@ -206,8 +206,8 @@ def main() -> None:
     p.add_argument("--no-inflight-rows", action="store_true",
                    help="requests in flight as AR rows (commits before score.step_share count them so)")
     a = p.parse_args()
-    global DECODE_EWMAS, INFLIGHT_ROWS
-    DECODE_EWMAS = not a.no_decode_ewmas
+    global WITH_DECODE_EWMAS, INFLIGHT_ROWS
+    WITH_DECODE_EWMAS = not a.no_decode_ewmas
     INFLIGHT_ROWS = not a.no_inflight_rows
     if a.run_here or not a.against:
         print(run(a.fleets, a.seed))

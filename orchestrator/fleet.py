@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from orchestrator.kernel_status import CpuKernelStatus
-from orchestrator.routing.stats import RoutingStats
+from orchestrator.routing.stats import DECODE_EWMAS, RoutingStats
 from orchestrator.routing.step_costs import StepCostTable
 
 
@@ -145,8 +145,6 @@ class ReplicaDirectory(Protocol):
 
 FLEET_FIELDS = ("kv_free_tokens", "kv_total_tokens", "vram_free_bytes", "vram_total_bytes", "gpu_count",
                 "num_running", "num_waiting", "max_num_seqs", "step_ms_ar", "updated_at")
-# the engine's decode-step EWMAs (ms, target rows, committed tokens per step): a finite float, else left None
-DECODE_FIELDS = ("decode_ms", "decode_rows", "decode_tokens")
 
 
 def fleet_stats(replica_id: str, d: dict[str, Any]) -> RoutingStats | None:
@@ -160,7 +158,7 @@ def fleet_stats(replica_id: str, d: dict[str, Any]) -> RoutingStats | None:
         st.step_ms_by_block = {int(k): float(v) for k, v in (d.get("step_ms_by_block") or {}).items()}
     except (TypeError, ValueError):
         return None
-    for k in DECODE_FIELDS:
+    for k in DECODE_EWMAS:  # a finite number, else left None
         v = d.get(k)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
             setattr(st, k, float(v))
